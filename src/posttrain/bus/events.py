@@ -1,0 +1,198 @@
+"""The event types of the bus and their payload models: the data contract between agents.
+
+Guarantees: `make_event` and `Bus.publish` validate `data` against the model registered here for the event type
+(unknown types and malformed payloads are refused before anything is logged). Payload models are the single place
+a reader (live view, report, resume) learns what an event carries.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from .envelope import Envelope
+
+
+class Payload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorInfo(Payload):
+    agent: str
+    task: str | None = None
+    reason: str
+
+
+class RunStarted(Payload):
+    run_dir: str
+    config: dict[str, Any]
+
+
+class RunFinished(Payload):
+    status: Literal["succeeded", "failed"]
+    error: ErrorInfo | None = None
+
+
+class StageStarted(Payload):
+    stage: str
+    task_id: str
+    agent: str
+
+
+class StageCompleted(Payload):
+    stage: str
+    task_id: str
+    status: Literal["succeeded", "failed", "skipped"]
+    wall_s: float
+    reason: str | None = None
+
+
+class AgentStarted(Payload):
+    agent: str
+    pid: int
+    thread: str
+
+
+class AgentStopped(Payload):
+    agent: str
+    reason: str
+
+
+class Progress(Payload):
+    stage: str | None = None
+    step: int = 0
+    total: int | None = None
+    note: str | None = None
+
+
+class Heartbeat(Payload):
+    agent: str
+    state: Literal["starting", "idle", "busy", "stopped"]
+    task_id: str | None = None
+    progress: Progress
+
+
+class AgentHealth(Payload):
+    agent: str
+    health: Literal["healthy", "suspect", "unhealthy"]
+    reason: str
+    task_id: str | None = None
+
+
+class TaskAssigned(Payload):
+    task_id: str
+    stage: str
+    params: dict[str, Any]
+    deadline_s: float | None = None
+
+
+class TaskCompleted(Payload):
+    task_id: str
+    stage: str
+    result: dict[str, Any]
+
+
+class TaskFailed(Payload):
+    task_id: str
+    stage: str
+    reason: str
+    error_type: str
+    attempts: int
+
+
+class DeadLettered(Payload):
+    event_id: str
+    event_type: str
+    agent: str
+    attempts: int
+    reason: str
+
+
+class DataProfiled(Payload):
+    source: str
+    kind: str
+    rows: int
+    profile: dict[str, Any]
+
+
+class MethodSelected(Payload):
+    method: str
+    rationale: str
+    runner_up: str | None = None
+    explicit: bool = False
+
+
+class TrainMetrics(Payload):
+    method: str
+    step: int
+    total_steps: int
+    metrics: dict[str, float]
+
+
+class CheckpointSaved(Payload):
+    step: int
+    path: str
+
+
+class EvalResult(Payload):
+    model: str  # "base" | "aligned" | "compressed"
+    metric: str
+    value: float
+    n: int
+    path: str
+    samples_path: str | None = None
+
+
+class CompressResult(Payload):
+    method: str
+    path: str
+    size_bytes: int
+    base_size_bytes: int
+    reload_ok: bool
+
+
+class Note(Payload):
+    level: Literal["info", "warning", "error"]
+    text: str
+
+
+EVENT_TYPES: dict[str, type[Payload]] = {
+    "run.started.v1": RunStarted,
+    "run.finished.v1": RunFinished,
+    "stage.started.v1": StageStarted,
+    "stage.completed.v1": StageCompleted,
+    "agent.started.v1": AgentStarted,
+    "agent.stopped.v1": AgentStopped,
+    "agent.heartbeat.v1": Heartbeat,
+    "agent.health.v1": AgentHealth,
+    "task.assigned.v1": TaskAssigned,
+    "task.completed.v1": TaskCompleted,
+    "task.failed.v1": TaskFailed,
+    "event.deadlettered.v1": DeadLettered,
+    "data.profiled.v1": DataProfiled,
+    "method.selected.v1": MethodSelected,
+    "train.metrics.v1": TrainMetrics,
+    "train.checkpoint.v1": CheckpointSaved,
+    "eval.result.v1": EvalResult,
+    "compress.result.v1": CompressResult,
+    "note.v1": Note,
+}
+
+
+def validate_payload(type: str, data: dict[str, Any]) -> dict[str, Any]:
+    """Return `data` normalised by its payload model; raise ValueError for unknown types or bad payloads."""
+    model = EVENT_TYPES.get(type)
+    if model is None:
+        raise ValueError(f"unknown event type {type!r}; register it in posttrain.bus.events.EVENT_TYPES")
+    return model.model_validate(data).model_dump(mode="json")
+
+
+def make_event(type: str, source: str, run_id: str, data: Payload | dict[str, Any], *, topic: str | None = None,
+               target: str | None = None, subject: str | None = None, correlation_id: str | None = None,
+               causation_id: str | None = None, dataref: str | None = None) -> Envelope:
+    """Build a validated envelope. The topic defaults to the type's first segment (``task``, ``train``...)."""
+    raw = data.model_dump(mode="json") if isinstance(data, BaseModel) else data
+    return Envelope(type=type, source=source, target=target, topic=topic or type.split(".")[0], subject=subject,
+                    run_id=run_id, correlation_id=correlation_id, causation_id=causation_id,
+                    data=validate_payload(type, raw), dataref=dataref)
