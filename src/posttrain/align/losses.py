@@ -1,0 +1,90 @@
+"""Alignment objectives as pure functions on tensors (no models, no I/O). Each is unit-tested against exact values.
+
+Conventions: log-probs are over completion tokens only; a "sequence log-prob" is the *sum* over its tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+
+def nll_sum(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SFT: (−Σ log π over supervised tokens, number of supervised tokens). The caller normalises by the count
+    of the whole accumulation window (token-mean over the effective batch), not per micro-batch."""
+    return -(token_logps * mask).sum(), mask.sum()
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO (Rafailov et al. 2023, eq. 7): −log σ(β[(logπ(y_w) − logπ_ref(y_w)) − (logπ(y_l) − logπ_ref(y_l))]).
+
+    Inputs are summed completion log-probs per pair. With `label_smoothing` ε > 0 this is conservative DPO
+    (cDPO, Mitchell 2023): −(1−ε)·log σ(βδ) − ε·log σ(−βδ). Returns (per-pair losses, chosen rewards β·ρ_w,
+    rejected rewards β·ρ_l); the rewards are detached metrics. At policy == reference every loss is ln 2.
+    """
+    chosen_ratio = policy_chosen - ref_chosen
+    rejected_ratio = policy_rejected - ref_rejected
+    logits = beta * (chosen_ratio - rejected_ratio)
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: Literal["group", "none"] = "group",
+                     eps: float = 1e-4, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """GRPO outcome advantages (Shao et al. 2024 §4.1.2): A_i = (r_i − mean_g(r)) / (std_g(r) + eps) per group.
+
+    `rewards` is [N] with the G samples of each prompt contiguous. std is Bessel-corrected (n−1), as TRL does.
+    A group whose rewards are all equal gets exactly 0 (never NaN). `valid` marks samples that have trainable
+    tokens; invalid ones leave their group's mean and std and get advantage 0 (ALGORITHMS.md pitfall 19).
+    `scale="none"` is Dr. GRPO (no division by the std).
+    """
+    if group_size < 2:
+        raise ValueError(f"GRPO needs at least 2 samples per prompt to form a baseline, got group_size={group_size}")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.float().view(-1, group_size)
+    v = torch.ones_like(r) if valid is None else valid.float().view(-1, group_size)
+    count = v.sum(dim=1, keepdim=True)
+    mean = (r * v).sum(dim=1, keepdim=True) / count.clamp(min=1)
+    centred = (r - mean) * v
+    if scale == "none":
+        adv = centred
+    else:
+        var = (centred ** 2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)
+        adv = centred / (var.sqrt() + eps)
+    # Groups of one valid sample have no baseline: their advantage is 0, like an all-equal group.
+    adv = torch.where(count >= 2, adv, torch.zeros_like(adv))
+    return adv.view(-1)
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(π‖π_ref) (Schulman 2020): e^{ref−logπ} − (ref−logπ) − 1 ≥ 0."""
+    delta = ref_logps - logps
+    return torch.exp(delta) - delta - 1.0
+
+
+def grpo_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, *,
+                    epsilon_low: float = 0.2, epsilon_high: float = 0.2, beta: float = 0.0,
+                    ref_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO per-token loss: −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A) + β·k3(π‖π_ref).
+
+    `logps`/`old_logps`/`ref_logps` are [B, T] token log-probs, `advantages` is [B] (one per sequence). Returns the
+    [B, T] loss (unmasked; the caller masks and normalises) and per-token diagnostics (ratio, clipped, kl).
+    """
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages.unsqueeze(-1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    info = {"ratio": ratio.detach(), "clipped": (clipped < unclipped).float().detach()}
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs reference log-probs")
+        kl = k3_kl(logps, ref_logps)
+        loss = loss + beta * kl
+        info["kl"] = kl.detach()
+    return loss, info

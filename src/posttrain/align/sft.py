@@ -1,0 +1,77 @@
+"""Supervised fine-tuning: completion-only NLL, token-normalised over the whole accumulation window.
+
+Guarantees: only completion tokens (the assistant turn, end-of-turn included) are supervised; the loss of an
+optimizer step is Σ(token NLL) / (supervised tokens in the window), so GA=1 and GA=k agree; rows whose completion is
+emptied by truncation are dropped and counted before training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from ..data.collate import collate_completions
+from ..data.tokenize import EncodedCompletion, encode_completion
+from .batching import windows
+from .engine import Engine, LossOutput, TrainOptions, set_seed
+from .logprobs import completion_mask, token_logprobs
+from .losses import nll_sum
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+    rows: int = 0
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+def encode_sft_rows(tokenizer: Any, rows: Sequence[dict], options: TrainOptions) -> tuple[list[EncodedCompletion], dict[str, int]]:
+    encoded, dropped = [], {}
+    for row in rows:
+        enc = encode_completion(tokenizer, row["prompt"], row["completion"], max_length=options.max_length,
+                                max_prompt_length=options.max_prompt_length)
+        if enc is None:
+            dropped["empty_after_truncation"] = dropped.get("empty_after_truncation", 0) + 1
+        else:
+            encoded.append(enc)
+    return encoded, dropped
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token; set one")
+    return int(pad)
+
+
+def train_sft(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainOptions,
+              on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train `model` in place on normalised SFT rows ({"prompt": messages, "completion": messages})."""
+    set_seed(options.seed)
+    encoded, dropped = encode_sft_rows(tokenizer, rows, options)
+    if not encoded:
+        raise ValueError(f"no SFT rows left to train on after tokenization (dropped: {dropped})")
+    pad = pad_id_of(tokenizer)
+    result = TrainResult(steps=0, dropped=dropped, rows=len(encoded))
+    engine = Engine(model, options, on_step=on_step)
+
+    def loss_fn(micro: list[EncodedCompletion]) -> LossOutput:
+        batch = collate_completions([(e.prompt_ids, e.completion_ids) for e in micro], pad)
+        logps = token_logprobs(model, batch)
+        mask = completion_mask(batch)
+        loss_sum, count = nll_sum(logps, mask)
+        out = LossOutput(loss_sum, float(count))
+        out.add_metric("tokens", float(count), 1)
+        return out
+
+    feed = windows(encoded, options.batch_size, options.grad_accum, options.seed)
+    for _ in range(options.steps):
+        result.history.append(engine.step(next(feed), loss_fn))
+    result.steps = engine.step_count
+    model.eval()
+    return result

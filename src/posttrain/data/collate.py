@@ -1,0 +1,43 @@
+"""Padding a list of (prompt ids, completion ids) into tensors, with masks built from lengths.
+
+Guarantees: `attention_mask` and `completion_mask` come from each row's lengths, never from `token == pad_id`, so
+pad == eos is safe (ALGORITHMS.md pitfall 7); `position_ids` count real tokens only, so the same row gets the same
+log-probs whether it is left- or right-padded, and however much (pitfall 16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+
+@dataclass
+class CompletionBatch:
+    input_ids: torch.Tensor       # [B, T]
+    attention_mask: torch.Tensor  # [B, T] 1 on real tokens
+    completion_mask: torch.Tensor  # [B, T] 1 on completion tokens
+    position_ids: torch.Tensor    # [B, T]
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def collate_completions(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
+                        padding_side: Literal["right", "left"] = "right") -> CompletionBatch:
+    if not rows:
+        raise ValueError("cannot collate an empty batch")
+    width = max(len(p) + len(c) for p, c in rows)
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    completion = torch.zeros((n, width), dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        length = len(p) + len(c)
+        start = 0 if padding_side == "right" else width - length
+        input_ids[i, start:start + length] = torch.tensor(list(p) + list(c), dtype=torch.long)
+        attention[i, start:start + length] = 1
+        completion[i, start + len(p):start + length] = 1
+    positions = (attention.cumsum(dim=1) - 1).clamp(min=0) * attention
+    return CompletionBatch(input_ids, attention, completion, positions)
