@@ -1,0 +1,153 @@
+"""Run configuration: typed, with defaults; YAML in, dotted overrides from the command line.
+
+Guarantees: unknown keys are refused with the key's dotted path; `--train.lr 1e-4` style overrides are parsed as
+YAML scalars and validated like the file; the resolved configuration is written to the run directory, so a run
+can be reproduced from its own `config.yaml`.
+
+Example (configs/demo.yaml shows the full set):
+
+    model: embedded            # or a local path / hub id
+    data: null                 # null: the embedded arithmetic task; else a path or hub id
+    method: auto               # auto | sft | dpo | grpo
+    train: {steps: 30, lr: 1e-5}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .align.engine import TrainOptions
+from .bus.health import HealthOptions
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataOptions(_Strict):
+    split: str | None = Field(None, description="split to read from a hub id or directory")
+    limit: int | None = Field(None, ge=1, description="use at most this many rows (after validation)")
+    eval_data: str | None = Field(None, description="held-out data; default: the embedded test split, or a "
+                                                     "hold-out of `data`")
+    eval_split: str | None = None
+    eval_size: int = Field(64, ge=1, description="rows held out from `data` when no eval_data is given")
+    kind: Literal["preference", "verifiable", "sft", "unpaired"] | None = Field(
+        None, description="force a data kind instead of detecting it")
+
+
+class DPOOptions(_Strict):
+    beta: float = Field(0.1, gt=0, description="KL strength (Rafailov et al. 2023 use 0.1)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO label noise ε")
+
+
+class GRPOOptions(_Strict):
+    num_generations: int = Field(8, ge=2, description="G samples per prompt (TRL default 8)")
+    prompts_per_step: int = Field(8, ge=1, description="prompts per generation batch")
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    top_p: float = Field(1.0, gt=0, le=1)
+    epsilon_low: float = Field(0.2, ge=0, description="PPO clip range below 1")
+    epsilon_high: float = Field(0.2, ge=0, description="clip range above 1 (DAPO clip-higher uses 0.28)")
+    beta: float = Field(0.0, ge=0, description="k3 KL coefficient to a frozen reference (DeepSeekMath 0.04; "
+                                               "TRL default 0: no reference is loaded)")
+    num_iterations: int = Field(1, ge=1, description="optimizer passes over each generation batch (μ)")
+    loss_type: Literal["grpo", "dapo"] = Field("dapo", description="grpo: per-sequence mean (DeepSeekMath); "
+                                                                   "dapo: token mean over the batch (TRL default)")
+    scale_rewards: Literal["group", "none"] = "group"
+    reward: Literal["hash_answer"] = Field("hash_answer", description="verifiable reward: the `#### N` answer")
+
+
+class CompressOptions(_Strict):
+    enabled: bool = True
+    method: Literal["int8_rtn"] = Field("int8_rtn", description="int8 weight-only round-to-nearest, per channel")
+
+
+class EvalOptions(_Strict):
+    enabled: bool = True
+    limit: int | None = Field(200, ge=1, description="evaluate at most this many held-out rows")
+    batch_size: int = Field(32, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+
+
+class RunConfig(_Strict):
+    model: str = Field("embedded", description="'embedded', a local path or a hub id")
+    data: str | None = Field(None, description="training data: path or hub id; null = the embedded task")
+    method: Literal["auto", "sft", "dpo", "grpo"] = "auto"
+    seed: int = 0
+    runs_dir: str = "runs"
+    run_name: str | None = Field(None, description="prefix of the run id")
+    trust_remote_code: bool = Field(False, description="execute model code from the hub (off: never by default)")
+    run_timeout_s: float = Field(3600.0, gt=0, description="the run fails with a clear reason past this")
+    task_timeout_s: float = Field(1800.0, gt=0, description="a stage task fails past this deadline")
+    data_options: DataOptions = Field(default_factory=DataOptions)
+    train: TrainOptions = Field(default_factory=lambda: TrainOptions(steps=30, batch_size=8, lr=1e-5))
+    dpo: DPOOptions = Field(default_factory=DPOOptions)
+    grpo: GRPOOptions = Field(default_factory=GRPOOptions)
+    compress: CompressOptions = Field(default_factory=CompressOptions)
+    evaluate: EvalOptions = Field(default_factory=EvalOptions)
+    health: HealthOptions = Field(default_factory=HealthOptions)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`["--train.lr", "1e-4", "--method=dpo"]` -> {"train.lr": 1e-4, "method": "dpo"} (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --key.sub value or --key.sub=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{key} has no value")
+            i += 1
+            value = args[i]
+        out[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else None
+        i += 1
+    return out
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+        raw = loaded
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        where = f"{path}" if path else "configuration"
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{where}: {problems}") from None
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
