@@ -1,0 +1,192 @@
+"""The run report (report.json + report.md), built from the run's event log alone.
+
+Guarantees:
+- the only input is `run_dir/events.sqlite` (and the run directory's name as a fallback run id): a report can be
+  rebuilt at any time from the log, and says nothing the log does not support;
+- a quantity that was never measured is `null` in JSON and "not measured" in Markdown, never a number;
+- `status` is "succeeded" or "failed". A log without ``run.finished.v1`` (a crashed or still-running run) reports
+  "failed" with an error saying the run did not finish, because its results are incomplete;
+- `stages` are listed in the order they started (a skipped stage that never started sits where it was decided).
+
+report.json keys: run_id, status, method, rationale, runner_up, accuracy {base, aligned, compressed} each
+{value, n, metric} or null, sizes_bytes {aligned, compressed}, stages [{name, status, wall_s}], error
+{agent, task, reason} or null, data, training {method, steps, total_steps, last_step, metrics {name: {first, final,
+min, max, nonfinite}}}, compression {method, path, reload_ok, size_bytes, base_size_bytes, ratio} or null, evals (every eval
+result), started_at, wall_s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from posttrain.bus.log import read_events
+from posttrain.live.state import RunState, finite, fmt_bytes, metric_order
+
+MODELS = ("base", "aligned", "compressed")
+NOT_MEASURED = "not measured"
+
+
+def load_state(run_dir: str | Path) -> RunState:
+    """Fold a run's whole log. Raises FileNotFoundError naming the path when the run has no log."""
+    run_dir = Path(run_dir)
+    # Keep every message: `show` prints the whole timeline from the same fold.
+    return RunState.from_events(read_events(run_dir / "events.sqlite"), max_messages=1_000_000)
+
+
+def _json_float(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def _training(state: RunState) -> dict[str, Any] | None:
+    if not state.curves:
+        return None
+    metrics = {}
+    for name in metric_order(state.curves):  # loss, reward, kl first: what a reader looks for
+        points = state.curves[name]
+        ok = finite(v for _, v in points)
+        # JSON has no NaN: a non-finite value becomes null and is counted, so a divergence stays visible.
+        metrics[name] = {"first": _json_float(points[0][1]), "final": _json_float(points[-1][1]),
+                         "min": min(ok) if ok else None, "max": max(ok) if ok else None,
+                         "nonfinite": len(points) - len(ok)}
+    last_step = max(step for points in state.curves.values() for step, _ in points)
+    return {"method": state.train_method, "steps": state.train_events, "total_steps": state.train_total_steps,
+            "last_step": last_step, "metrics": metrics}
+
+
+def _error(state: RunState) -> dict[str, Any] | None:
+    if state.status == "succeeded":
+        return None
+    if state.error:
+        return {"agent": state.error.get("agent"), "task": state.error.get("task"),
+                "reason": state.error.get("reason")}
+    if state.status == "failed":
+        return {"agent": None, "task": None, "reason": "the run failed without recording a reason"}
+    last = state.failures[-1] if state.failures else None
+    reason = "the run did not finish: the log has no run.finished.v1 event (crashed, killed, or still running)"
+    if last:
+        reason += f"; last failure: {last.get('reason')}"
+    return {"agent": last.get("agent") if last else None, "task": last.get("task_id") if last else None,
+            "reason": reason}
+
+
+def build_report(run_dir: str | Path, state: RunState | None = None) -> dict[str, Any]:
+    """The report as a JSON-ready dict (see the module docstring for the keys). `state`, when given, must be the
+    fold of this run's whole log (callers that already folded it save a second read)."""
+    run_dir = Path(run_dir)
+    state = load_state(run_dir) if state is None else state
+    accuracy = {}
+    for model in MODELS:
+        r = state.eval_for(model)
+        accuracy[model] = {"value": r["value"], "n": r["n"], "metric": r["metric"]} if r else None
+    comp = state.compress[-1] if state.compress else None  # a fallback re-quantization supersedes earlier tries
+    compression = None
+    if comp:
+        base = comp.get("base_size_bytes")
+        compression = {"method": comp.get("method"), "path": comp.get("path"), "reload_ok": comp.get("reload_ok"),
+                       "size_bytes": comp.get("size_bytes"), "base_size_bytes": base,
+                       "ratio": comp["size_bytes"] / base if base else None}
+    method = state.method or {}
+    return {
+        "run_id": state.run_id or run_dir.name,
+        "status": "succeeded" if state.status == "succeeded" else "failed",
+        "method": method.get("method"),
+        "rationale": method.get("rationale"),
+        "runner_up": method.get("runner_up"),
+        "accuracy": accuracy,
+        # The aligned model's size is only known from the compressor's measurement of its input.
+        "sizes_bytes": {"aligned": comp.get("base_size_bytes") if comp else None,
+                        "compressed": comp.get("size_bytes") if comp else None},
+        "stages": [{"name": s.name, "status": s.status, "wall_s": s.wall_s} for s in state.stages.values()],
+        "error": _error(state),
+        "data": state.data_profile,
+        "training": _training(state),
+        "compression": compression,
+        "evals": state.evals,
+        "started_at": state.started_at,
+        "wall_s": state.elapsed() if state.started_at is not None else None,
+    }
+
+
+def _acc(entry: dict[str, Any] | None) -> str:
+    return NOT_MEASURED if entry is None else f"{entry['value']:.3f}"
+
+
+def _num(v: Any, fmt: str = "{:.4g}") -> str:
+    return NOT_MEASURED if v is None else fmt.format(v)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """report.md from the dict `build_report` returns: what a person reads after a run."""
+    r = report
+    lines = [f"# Run `{r['run_id']}`: {r['status']}", ""]
+    if r.get("wall_s") is not None:
+        lines += [f"Total wall time: {r['wall_s']:.1f} s", ""]
+    if r.get("error"):
+        e = r["error"]
+        lines += ["## Error", "", f"- agent: `{e.get('agent') or 'unknown'}`", f"- task: `{e.get('task') or '-'}`",
+                  f"- reason: {e.get('reason')}", ""]
+    lines += ["## Method", ""]
+    if r.get("method"):
+        lines += [f"**{r['method']}**" + (f" (runner-up: {r['runner_up']})" if r.get("runner_up") else ""), "",
+                  f"Why: {r.get('rationale') or 'no rationale recorded'}", ""]
+    else:
+        lines += ["No method was selected.", ""]
+    if r.get("data"):
+        d = r["data"]
+        lines += ["## Data", "", f"- source: `{d.get('source')}`", f"- kind: {d.get('kind')}",
+                  f"- rows: {d.get('rows')}", ""]
+    lines += ["## Accuracy", "", "| model | accuracy | n | metric |", "|---|---|---|---|"]
+    for model in MODELS:
+        a = r["accuracy"].get(model)
+        lines.append(f"| {model} | {_acc(a)} | {a['n'] if a else '-'} | {a['metric'] if a else '-'} |")
+    chain = " → ".join(_acc(r["accuracy"].get(m)) for m in MODELS)
+    lines += ["", f"base → aligned → compressed: {chain}", ""]
+    sizes = r["sizes_bytes"]
+    lines += ["## Sizes", "", "| model | size |", "|---|---|"]
+    for model in ("aligned", "compressed"):
+        v = sizes.get(model)
+        lines.append(f"| {model} | {NOT_MEASURED if v is None else f'{fmt_bytes(v)} ({v} bytes)'} |")
+    c = r.get("compression")
+    if c:
+        ratio = f", ratio {c['ratio']:.3f}" if c.get("ratio") is not None else ""
+        lines += ["", f"Compression: {c['method']}{ratio}, reloaded: {'yes' if c['reload_ok'] else 'NO'}"]
+    lines.append("")
+    t = r.get("training")
+    lines += ["## Training", ""]
+    if t:
+        lines += [f"{t['steps']} metric events, last step {t['last_step']} of {t['total_steps']}"
+                  f" ({t['method']})", "", "| metric | first | final | min | max |", "|---|---|---|---|---|"]
+        for name, m in t["metrics"].items():
+            # Here null means a non-finite value (the metric was measured), so it must not read "not measured".
+            cells = ["non-finite" if m[k] is None else f"{m[k]:.4g}" for k in ("first", "final", "min", "max")]
+            lines.append(f"| {name} | {' | '.join(cells)} |")
+    else:
+        lines.append("No training metrics were recorded.")
+    lines += ["", "## Stages", "", "| stage | status | wall time |", "|---|---|---|"]
+    for s in r["stages"]:
+        lines.append(f"| {s['name']} | {s['status']} | {_num(s['wall_s'], '{:.1f} s')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _finite_only(obj: Any) -> Any:
+    """The report with every non-finite float as null: JSON has no NaN, and a reader must not guess."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_only(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_only(v) for v in obj]
+    return obj
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write report.md and report.json into `run_dir`; returns their paths."""
+    run_dir = Path(run_dir)
+    report = build_report(run_dir)
+    md_path, json_path = run_dir / "report.md", run_dir / "report.json"
+    json_path.write_text(json.dumps(_finite_only(report), indent=2, allow_nan=False) + "\n")
+    md_path.write_text(render_markdown(report))
+    return md_path, json_path

@@ -1,0 +1,99 @@
+"""report.json / report.md built from the event log alone."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from posttrain.report import build_report, write_report
+
+# The shared log builders live in tests/live; load them by path so this works whatever the import mode.
+_spec = importlib.util.spec_from_file_location("_runlogs", Path(__file__).parent / "live" / "runlogs.py")
+runlogs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(runlogs)
+
+
+def test_report_of_a_successful_run(tmp_path):
+    run = runlogs.successful_run(tmp_path / "r")
+    md_path, json_path = write_report(run)
+    assert (md_path, json_path) == (run / "report.md", run / "report.json")
+    r = json.loads(json_path.read_text())
+    assert r["run_id"] == runlogs.RUN_ID and r["status"] == "succeeded" and r["error"] is None
+    assert r["method"] == "grpo" and r["rationale"] == "verifiable answers" and r["runner_up"] == "sft"
+    assert r["accuracy"] == {"base": {"value": 0.3, "n": 50, "metric": "exact_match"},
+                             "aligned": {"value": 0.5, "n": 50, "metric": "exact_match"},
+                             "compressed": {"value": 0.48, "n": 50, "metric": "exact_match"}}
+    assert r["sizes_bytes"] == {"aligned": 4000, "compressed": 1000}
+    assert r["stages"] == [{"name": "data", "status": "succeeded", "wall_s": 1.5},
+                           {"name": "select", "status": "succeeded", "wall_s": 0.5},
+                           {"name": "train", "status": "succeeded", "wall_s": 5.0},
+                           {"name": "compress", "status": "succeeded", "wall_s": 2.0},
+                           {"name": "evaluate", "status": "succeeded", "wall_s": 6.0}]
+    assert r["data"] == {"source": "embedded", "kind": "verifiable", "rows": 100, "profile": {"duplicates": 0}}
+    t = r["training"]
+    assert (t["method"], t["steps"], t["total_steps"], t["last_step"]) == ("grpo", 4, 4, 4)
+    assert t["metrics"]["loss"] == {"first": 2.0, "final": 1.0, "min": 1.0, "max": 2.0, "nonfinite": 0}
+    assert t["metrics"]["reward"]["first"] == 0.1 and t["metrics"]["reward"]["final"] == 0.5
+    assert t["metrics"]["kl"]["final"] == 0.03
+    assert r["compression"] == {"method": "int8", "path": "artifacts/int8", "reload_ok": True, "size_bytes": 1000,
+                                "base_size_bytes": 4000, "ratio": 0.25}
+    assert r["wall_s"] == 20.0 and r["started_at"] == runlogs.T0
+    assert len(r["evals"]) == 3
+
+    md = md_path.read_text()
+    assert "# Run `run-test`: succeeded" in md
+    assert "**grpo** (runner-up: sft)" in md and "Why: verifiable answers" in md
+    assert "| base | 0.300 | 50 | exact_match |" in md and "| compressed | 0.480 | 50 | exact_match |" in md
+    assert "base → aligned → compressed: 0.300 → 0.500 → 0.480" in md
+    assert "| train | succeeded | 5.0 s |" in md
+    assert "| compressed | 1000B (1000 bytes) |" in md
+    assert "| loss | 2 | 1 | 1 | 2 |" in md
+    assert md.index("| loss |") < md.index("| reward |") < md.index("| kl |") < md.index("| grad_norm |")
+    assert "not measured" not in md and "## Error" not in md
+
+
+def test_report_of_a_failed_run(tmp_path):
+    run = runlogs.failed_run(tmp_path / "f")
+    md_path, json_path = write_report(run)
+    r = json.loads(json_path.read_text())
+    assert r["run_id"] == "run-failed" and r["status"] == "failed"
+    assert r["error"] == {"agent": "trainer", "task": "t-train", "reason": "out of memory after 3 attempts"}
+    assert r["method"] is None and r["rationale"] is None
+    assert r["accuracy"] == {"base": {"value": 0.25, "n": 40, "metric": "exact_match"},
+                             "aligned": None, "compressed": None}
+    assert r["sizes_bytes"] == {"aligned": None, "compressed": None}
+    assert r["stages"] == [{"name": "data", "status": "succeeded", "wall_s": 1.0},
+                           {"name": "train", "status": "failed", "wall_s": 3.5}]
+    assert r["training"] is None and r["compression"] is None and r["data"] is None
+    assert r["wall_s"] == 7.0
+
+    md = md_path.read_text()
+    assert "# Run `run-failed`: failed" in md
+    assert "## Error" in md and "- agent: `trainer`" in md and "out of memory after 3 attempts" in md
+    assert "| aligned | not measured | - | - |" in md and "| compressed | not measured | - | - |" in md
+    assert "base → aligned → compressed: 0.250 → not measured → not measured" in md
+    assert "| aligned | not measured |" in md  # size
+    assert "No training metrics were recorded." in md and "No method was selected." in md
+
+
+def test_a_run_without_run_finished_is_failed_and_says_why(tmp_path):
+    w = runlogs.Writer(tmp_path / "crashed", run_id="run-crashed")
+    runlogs.start(w)
+    w.emit(2.0, "stage.started.v1", "coordinator", {"stage": "train", "task_id": "t-train", "agent": "trainer"})
+    w.emit(3.0, "train.metrics.v1", "trainer", {"method": "sft", "step": 1, "total_steps": 10,
+                                                "metrics": {"loss": float("nan")}})
+    w.close()
+    md_path, json_path = write_report(tmp_path / "crashed")
+    r = json.loads(json_path.read_text())  # strict JSON: NaN was written as null
+    assert r["status"] == "failed" and "did not finish" in r["error"]["reason"]
+    assert r["stages"] == [{"name": "train", "status": "running", "wall_s": None}]
+    assert r["training"]["metrics"]["loss"] == {"first": None, "final": None, "min": None, "max": None,
+                                                "nonfinite": 1}
+    md = md_path.read_text()
+    assert "| train | running | not measured |" in md and "| loss | non-finite |" in md
+
+
+def test_missing_log_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="events.sqlite"):
+        build_report(tmp_path / "nope")
