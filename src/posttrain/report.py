@@ -56,6 +56,11 @@ def _training(state: RunState) -> dict[str, Any] | None:
             "last_step": last_step, "metrics": metrics}
 
 
+def _checkpoint_size(state) -> int | None:
+    sizes = [c.get("size_bytes") for c in state.checkpoints if c.get("size_bytes") is not None]
+    return sizes[-1] if sizes else None
+
+
 def _error(state: RunState) -> dict[str, Any] | None:
     if state.status == "succeeded":
         return None
@@ -96,8 +101,8 @@ def build_report(run_dir: str | Path, state: RunState | None = None) -> dict[str
         "rationale": method.get("rationale"),
         "runner_up": method.get("runner_up"),
         "accuracy": accuracy,
-        # The aligned model's size is only known from the compressor's measurement of its input.
-        "sizes_bytes": {"aligned": comp.get("base_size_bytes") if comp else None,
+        # The aligned size: the compressor's measurement of its input, else the trainer's of its checkpoint.
+        "sizes_bytes": {"aligned": comp.get("base_size_bytes") if comp else _checkpoint_size(state),
                         "compressed": comp.get("size_bytes") if comp else None},
         "stages": [{"name": s.name, "status": s.status, "wall_s": s.wall_s} for s in state.stages.values()],
         "error": _error(state),

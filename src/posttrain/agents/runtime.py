@@ -178,7 +178,7 @@ class AgentRunner:
         self.bus.publish(request.reply(type, self.agent.name, validate_payload(type, data)))
 
     def _note(self, level: str, text: str) -> None:
-        self.bus.publish(make_event("note.v1", self.agent.name, self.bus.run_id, {"level": level, "text": text[-4000:]}))
+        self.bus.publish(make_event("run.note.v1", self.agent.name, self.bus.run_id, {"level": level, "text": text[-4000:]}))
 
     def _heartbeats(self) -> None:
         while not self._stop.wait(self.options.heartbeat_s):

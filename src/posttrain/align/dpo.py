@@ -51,7 +51,7 @@ def encode_pairs(tokenizer: Any, rows: Sequence[dict], options: TrainOptions) ->
     return pairs, dropped
 
 
-def _collate(pairs: Sequence[EncodedPair], pad: int):
+def collate_pairs(pairs: Sequence[EncodedPair], pad: int):
     rows = [(p.chosen.prompt_ids, p.chosen.completion_ids) for p in pairs]
     rows += [(p.rejected.prompt_ids, p.rejected.completion_ids) for p in pairs]
     return collate_completions(rows, pad)
@@ -72,7 +72,7 @@ def train_dpo(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainOp
         ref_model = FrozenReference(model)
     elif reference == "precompute":
         chunks = [pairs[i:i + options.batch_size] for i in range(0, len(pairs), options.batch_size)]
-        for chunk, logps in zip(chunks, precompute_sequence_logprobs(model, [_collate(c, pad) for c in chunks])):
+        for chunk, logps in zip(chunks, precompute_sequence_logprobs(model, [collate_pairs(c, pad) for c in chunks])):
             n = len(chunk)
             for j, p in enumerate(chunk):
                 ref_cache[p.index] = (float(logps[j]), float(logps[n + j]))
@@ -81,7 +81,7 @@ def train_dpo(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainOp
 
     def loss_fn(micro: list[EncodedPair]) -> LossOutput:
         n = len(micro)
-        batch = _collate(micro, pad)
+        batch = collate_pairs(micro, pad)
         logps, _ = sequence_logprobs(model, batch)
         if ref_model is not None:
             ref = ref_model.sequence_logprobs(batch)

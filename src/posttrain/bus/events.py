@@ -133,6 +133,7 @@ class TrainMetrics(Payload):
 class CheckpointSaved(Payload):
     step: int
     path: str
+    size_bytes: int | None = None  # bytes of the checkpoint's weight files
 
 
 class EvalResult(Payload):
@@ -150,6 +151,7 @@ class CompressResult(Payload):
     size_bytes: int
     base_size_bytes: int
     reload_ok: bool
+    max_abs_logit_diff: float | None = None  # measured on a probe batch, reloaded artifact vs original
 
 
 class Note(Payload):
@@ -176,7 +178,7 @@ EVENT_TYPES: dict[str, type[Payload]] = {
     "train.checkpoint.v1": CheckpointSaved,
     "eval.result.v1": EvalResult,
     "compress.result.v1": CompressResult,
-    "note.v1": Note,
+    "run.note.v1": Note,
 }
 
 

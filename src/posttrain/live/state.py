@@ -123,7 +123,7 @@ def summarize(type: str, data: dict[str, Any]) -> str:
         return "  ".join(parts + kv("reload_ok"))
     if type == "eval.result.v1":
         return "  ".join(kv("model", "metric", "value", "n"))
-    if type == "note.v1":
+    if type == "run.note.v1":
         return f"{d.get('level')}: {_short(d.get('text'), 80)}"
     keys = {
         "run.started.v1": ("run_dir",),
@@ -327,7 +327,7 @@ class RunState:
     def _on_compress_result_v1(self, source, target, t, d) -> None:
         self.compress.append(dict(d))
 
-    def _on_note_v1(self, source, target, t, d) -> None:
+    def _on_run_note_v1(self, source, target, t, d) -> None:
         self.notes.append({"source": source, "time": t, **d})
 
 

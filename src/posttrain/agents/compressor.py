@@ -1,0 +1,55 @@
+"""The compressor agent: quantizes the aligned model, writes the artifact, reloads it and measures it.
+
+Thin over `posttrain.compress.int8`. Guarantees: the artifact is reloaded from disk before it is reported; its size
+and the uncompressed size are measured on disk; the logit difference is measured on a probe batch of real eval
+prompts, reloaded artifact against the uncompressed model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..bus.envelope import Envelope
+from ..compress.int8 import load_int8, quantize_model_to_dir
+from ..config import RunConfig
+from ..models.loading import load_model, load_tokenizer, resolve_model_path, weights_size_bytes
+from .runtime import AgentContext
+
+
+class CompressorAgent:
+    name = "compressor"
+    subscriptions: tuple[str, ...] = ()
+
+    def __init__(self, config: RunConfig, run_dir: Path):
+        self.config = config
+        self.run_dir = Path(run_dir)
+
+    def handle(self, env: Envelope, ctx: AgentContext) -> dict[str, Any] | None:
+        if env.type != "task.assigned.v1":
+            return None
+        source = env.data["params"]["model"]
+        method = self.config.compress.method
+        ctx.progress("compress", 0, 3, "loading")
+        model = load_model(source, trust_remote_code=self.config.trust_remote_code)
+        tokenizer = load_tokenizer(source, trust_remote_code=self.config.trust_remote_code)
+        out = self.run_dir / "artifacts" / "compressed" / method
+        ctx.progress("compress", 1, 3, "quantizing")
+        quantize_model_to_dir(model, tokenizer, out)
+        ctx.progress("compress", 2, 3, "reloading")
+        reloaded = load_int8(out)
+        probe = tokenizer(["1 + 2 = 3", "How many apples does Sam have?"], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            a = model(**probe).logits
+            b = reloaded(**probe).logits
+        diff = float((a - b).abs().max())
+        reload_ok = bool(torch.isfinite(b).all())
+        size, base = weights_size_bytes(out), weights_size_bytes(resolve_model_path(source))
+        ctx.publish("compress.result.v1", {"method": method, "path": str(out), "size_bytes": size,
+                                           "base_size_bytes": base, "reload_ok": reload_ok,
+                                           "max_abs_logit_diff": diff}, dataref=str(out))
+        ctx.progress("compress", 3, 3, "done")
+        return {"path": str(out), "method": method, "size_bytes": size, "base_size_bytes": base,
+                "reload_ok": reload_ok, "max_abs_logit_diff": diff}

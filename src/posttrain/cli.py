@@ -1,0 +1,154 @@
+"""The `posttrain` command line.
+
+    posttrain demo [--quiet | --plain] [--key.sub VALUE ...]     the whole pipeline on the embedded default
+    posttrain run CONFIG.yaml [--quiet | --plain] [--key.sub VALUE ...]
+    posttrain show RUN            a past run's timeline, from its event log
+    posttrain watch RUN           follow a (running) run's live view from its event log
+    posttrain runs                the runs under --runs-dir
+    posttrain embedded build [--force]   (re)build the cached embedded model
+
+Contract: `demo` and `run` print the run directory's path as the last line of stdout; their exit status is 0 when
+the run succeeded, 1 when it failed, 2 for a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+
+from .config import ConfigError, load_config, parse_overrides
+
+
+def _demo_config_path() -> Path:
+    return Path(str(resources.files("posttrain") / "configs" / "demo.yaml"))
+
+
+def _view_mode(args: argparse.Namespace) -> str:
+    from .live.terminal import choose_mode
+
+    return choose_mode(args.quiet, args.plain)
+
+
+def _cmd_pipeline(args: argparse.Namespace, extra: list[str]) -> int:
+    from .report import render_markdown
+    from .run import execute
+
+    config_path = _demo_config_path() if args.command == "demo" else Path(args.config)
+    try:
+        overrides = parse_overrides(extra)
+        config = load_config(config_path, overrides)
+    except ConfigError as exc:
+        print(f"posttrain: {exc}", file=sys.stderr)
+        return 2
+    console = Console()
+    outcome = execute(config, view=_view_mode(args), console=console)
+    if not args.quiet:
+        if console.is_terminal:
+            from rich.markdown import Markdown
+
+            console.print(Markdown(render_markdown(outcome.report)))
+        else:
+            print(render_markdown(outcome.report))
+    print(outcome.run_dir, flush=True)
+    return 0 if outcome.status == "succeeded" else 1
+
+
+def _resolve_run(run: str, runs_dir: str) -> Path:
+    path = Path(run)
+    if (path / "events.sqlite").exists():
+        return path
+    candidate = Path(runs_dir) / run
+    if (candidate / "events.sqlite").exists():
+        return candidate
+    raise FileNotFoundError(f"no run {run!r}: neither {path} nor {candidate} holds an events.sqlite")
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from .timeline import format_timeline
+
+    print(format_timeline(_resolve_run(args.run, args.runs_dir)))
+    return 0
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from .live.terminal import LiveView
+
+    run_dir = _resolve_run(args.run, args.runs_dir)
+    LiveView(run_dir / "events.sqlite", mode=_view_mode(args)).run_until_finished(timeout_s=args.timeout)
+    return 0
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from .timeline import list_runs
+
+    runs = list_runs(args.runs_dir)
+    if not runs:
+        print(f"no runs under {args.runs_dir}")
+        return 0
+    for r in runs:
+        wall = f"{r['wall_s']:.1f}s" if r.get("wall_s") is not None else "-"
+        print(f"{r['run_id']:<40} {r['status']:<10} {str(r.get('method') or '-'):<6} {wall:>8}  {r['dir']}")
+    return 0
+
+
+def _cmd_embedded(args: argparse.Namespace) -> int:
+    from .models.embedded import embedded_model_dir
+
+    path = embedded_model_dir(force=args.force) if args.action == "build" else embedded_model_dir()
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description="Agent-orchestrated post-training of LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("demo", "run the whole pipeline on the embedded default"),
+                            ("run", "run the pipeline described by a YAML config")):
+        p = sub.add_parser(name, help=help_text,
+                           description=f"{help_text}. Any config key can be overridden: --train.lr 1e-4")
+        if name == "run":
+            p.add_argument("config", help="path to a YAML run config")
+        p.add_argument("--quiet", action="store_true", help="no live view and no report on stdout")
+        p.add_argument("--plain", action="store_true", help="one line per event instead of the live view")
+    for name, help_text in (("show", "print a past run's timeline"), ("watch", "follow a run's live view")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("run", help="run id (under --runs-dir) or run directory")
+        p.add_argument("--runs-dir", default="runs")
+        if name == "watch":
+            p.add_argument("--quiet", action="store_true")
+            p.add_argument("--plain", action="store_true")
+            p.add_argument("--timeout", type=float, default=None, help="stop watching after this many seconds")
+    p = sub.add_parser("runs", help="list runs")
+    p.add_argument("--runs-dir", default="runs")
+    p = sub.add_parser("embedded", help="the embedded default model")
+    p.add_argument("action", choices=["build", "path"])
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("demo", "run"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command in ("demo", "run"):
+            return _cmd_pipeline(args, extra)
+        if args.command == "show":
+            return _cmd_show(args)
+        if args.command == "watch":
+            return _cmd_watch(args)
+        if args.command == "runs":
+            return _cmd_runs(args)
+        return _cmd_embedded(args)
+    except FileNotFoundError as exc:
+        print(f"posttrain: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
