@@ -122,9 +122,8 @@ class AgentRunner:
                     continue
                 self._seen.add(env.id)
                 self._dispatch(env)
-        except BaseException as exc:  # noqa: BLE001 - recorded, then the thread dies and the beats stop
+        except BaseException as exc:  # noqa: BLE001 - recorded; the thread ends here and the beats stop
             self.crash = f"{type(exc).__name__}: {exc}"
-            raise
 
     def _guarded(self, fn: Any) -> None:
         try:

@@ -1,0 +1,135 @@
+"""The coordinator ends the run with a clear reason when an agent hangs, crashes, dies or keeps failing —
+within a bounded time, with every event up to that point in the log. Stage agents are stand-ins here (no models):
+these tests are about orchestration, and the stand-ins carry paths only, no measurements."""
+
+import threading
+import time
+
+import pytest
+
+from posttrain.agents.coordinator import Coordinator
+from posttrain.bus.log import read_events
+from posttrain.config import RunConfig
+from posttrain.run import execute
+
+OUTPUTS = {
+    "data": {"kind": "verifiable", "profile": {}, "model": "stand-in", "train_path": "t.jsonl",
+             "eval_path": "e.jsonl", "eval_kind": "verifiable"},
+    "selector": {"method": "grpo"},
+    "trainer": {"checkpoint": "ckpt"},
+    "compressor": {"path": "compressed"},
+    "evaluator": {},
+}
+
+
+class StandIn:
+    subscriptions = ()
+
+    def __init__(self, name):
+        self.name = name
+        self.tasks = 0
+
+    def handle(self, env, ctx):
+        if env.type == "task.assigned.v1":
+            self.tasks += 1
+            return OUTPUTS[self.name]
+
+
+class Hangs(StandIn):
+    """Blocks its own thread (not an await): only a watchdog on another thread can notice."""
+
+    def handle(self, env, ctx):
+        if env.type == "task.assigned.v1":
+            ctx.progress("train", 1, 10)
+            threading.Event().wait(60)
+
+
+class Crashes(StandIn):
+    def handle(self, env, ctx):
+        if env.type == "task.assigned.v1":
+            self.tasks += 1
+            raise RuntimeError("boom: CUDA out of memory (simulated fault for the test)")
+
+
+class Dies(StandIn):
+    def handle(self, env, ctx):
+        if env.type == "task.assigned.v1":
+            raise SystemExit("the trainer's thread exits")
+
+
+def _config(tmp_path, **health):
+    opts = {"heartbeat_s": 0.05, "suspect_after_s": 0.5, "dead_after_s": 1.0, "stall_after_s": 0.6,
+            "check_every_s": 0.05, "max_attempts": 3, "retry_backoff_s": 0.01}
+    opts.update(health)
+    return RunConfig(runs_dir=str(tmp_path), health=opts, run_timeout_s=30)
+
+
+def _cast(config, trainer):
+    cast = {name: StandIn(name) for name in OUTPUTS}
+    cast["trainer"] = trainer
+    return {"coordinator": Coordinator(config), **cast}
+
+
+def _run(tmp_path, trainer, **health):
+    config = _config(tmp_path, **health)
+    started = time.monotonic()
+    outcome = execute(config, view="quiet", agents=_cast(config, trainer))
+    return outcome, time.monotonic() - started
+
+
+def _types(run_dir):
+    return [e.envelope.type for e in read_events(run_dir / "events.sqlite")]
+
+
+def test_successful_run_stage_order_and_one_completion_per_assignment(tmp_path):
+    outcome, _ = _run(tmp_path, StandIn("trainer"))
+    assert outcome.status == "succeeded"
+    events = [e.envelope for e in read_events(outcome.run_dir / "events.sqlite")]
+    stages = [e.data["stage"] for e in events if e.type == "stage.started.v1"]
+    assert stages == ["data", "select", "evaluate_base", "train", "compress", "evaluate"]
+    assigned = [e for e in events if e.type == "task.assigned.v1"]
+    for a in assigned:
+        replies = [e for e in events if e.type in ("task.completed.v1", "task.failed.v1")
+                   and e.correlation_id == a.correlation_id and e.causation_id == a.id]
+        assert len(replies) == 1 and replies[0].type == "task.completed.v1"
+    assert _types(outcome.run_dir).count("run.finished.v1") == 1
+
+
+def test_hung_agent_ends_the_run_with_a_clear_reason(tmp_path):
+    outcome, wall = _run(tmp_path, Hangs("trainer"))
+    assert outcome.status == "failed"
+    err = outcome.report["error"]
+    assert err["agent"] == "trainer" and err["task"].startswith("train-")
+    assert "no progress" in err["reason"] and "hung" in err["reason"]
+    assert wall < 15
+    types = _types(outcome.run_dir)
+    assert "task.assigned.v1" in types and "agent.health.v1" in types and types.count("run.finished.v1") == 1
+    stages = {s["name"]: s["status"] for s in outcome.report["stages"]}
+    assert stages["train"] == "failed" and "compress" not in stages
+
+
+def test_crashing_agent_is_retried_then_the_run_fails_naming_it(tmp_path):
+    crasher = Crashes("trainer")
+    outcome, wall = _run(tmp_path, crasher)
+    assert outcome.status == "failed" and crasher.tasks == 3
+    err = outcome.report["error"]
+    assert err["agent"] == "trainer" and "after 3 attempt(s)" in err["reason"] and "RuntimeError: boom" in err["reason"]
+    types = _types(outcome.run_dir)
+    assert "event.deadlettered.v1" in types and "task.failed.v1" in types
+    assert wall < 15
+
+
+def test_agent_whose_thread_dies_ends_the_run(tmp_path):
+    outcome, wall = _run(tmp_path, Dies("trainer"))
+    assert outcome.status == "failed"
+    err = outcome.report["error"]
+    assert err["agent"] == "trainer" and "thread died" in err["reason"] and "SystemExit" in err["reason"]
+    assert wall < 15
+
+
+def test_task_deadline_fails_the_run(tmp_path):
+    config = _config(tmp_path, stall_after_s=100)
+    config = config.model_copy(update={"task_timeout_s": 0.5})
+    outcome = execute(config, view="quiet", agents=_cast(config, Hangs("trainer")))
+    assert outcome.status == "failed"
+    assert "deadline" in outcome.report["error"]["reason"] and outcome.report["error"]["agent"] == "trainer"

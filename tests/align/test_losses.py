@@ -1,0 +1,114 @@
+"""Exact values of the pure loss functions on fixed tensors."""
+
+import math
+
+import pytest
+import torch
+
+from posttrain.align.losses import dpo_loss, group_advantages, grpo_token_loss, k3_kl, nll_sum
+
+
+def test_dpo_loss_equals_formula():
+    pc, pr = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -1.0])
+    rc, rr = torch.tensor([-1.5, -2.0]), torch.tensor([-1.5, -2.5])
+    losses, r_c, r_r = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    # pair 0: ρw = 0.5, ρl = -0.5 -> z = 0.1; pair 1: ρw = -1, ρl = 1.5 -> z = -0.25
+    expected = [math.log1p(math.exp(-0.1)), math.log1p(math.exp(0.25))]
+    assert losses.tolist() == pytest.approx(expected, abs=1e-7)
+    assert r_c.tolist() == pytest.approx([0.05, -0.1])
+    assert r_r.tolist() == pytest.approx([-0.05, 0.15])
+
+
+def test_dpo_loss_is_ln2_with_zero_margins_when_policy_equals_reference():
+    logps = torch.tensor([-7.25, -3.5, -11.0])
+    losses, r_c, r_r = dpo_loss(logps, logps + 1.0, logps, logps + 1.0, beta=0.3)
+    assert losses.tolist() == pytest.approx([math.log(2)] * 3, abs=1e-7)
+    assert (r_c - r_r).abs().max().item() == 0.0
+
+
+def test_dpo_label_smoothing_is_conservative_dpo():
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-1.0, -2.0, -1.5, -1.5))
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.2)
+    z = 0.1
+    expected = 0.8 * math.log1p(math.exp(-z)) + 0.2 * math.log1p(math.exp(z))
+    assert losses.item() == pytest.approx(expected, abs=1e-7)
+
+
+def test_dpo_gradient_is_zero_for_identical_pair():
+    pc = torch.tensor([-4.0], requires_grad=True)
+    losses, _, _ = dpo_loss(pc, pc, torch.tensor([-4.0]), torch.tensor([-4.0]))
+    losses.sum().backward()
+    assert pc.grad.item() == 0.0
+
+
+def test_group_advantages_are_per_group_with_bessel_std():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    adv = group_advantages(rewards, 4)
+    std1 = math.sqrt((0.75**2 + 3 * 0.25**2) / 3)  # = 0.5
+    std2 = math.sqrt(4 * 0.25 / 3)
+    expected = [0.75 / (std1 + 1e-4)] + [-0.25 / (std1 + 1e-4)] * 3 + \
+               [-0.5 / (std2 + 1e-4), 0.5 / (std2 + 1e-4), 0.5 / (std2 + 1e-4), -0.5 / (std2 + 1e-4)]
+    assert adv.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_all_equal_group_gets_exactly_zero_never_nan():
+    adv = group_advantages(torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]), 4)
+    assert torch.equal(adv, torch.zeros(8))
+
+
+def test_invalid_samples_leave_the_group_statistics_and_get_zero():
+    rewards = torch.tensor([1.0, 0.0, 5.0, 0.0])
+    valid = torch.tensor([True, True, False, True])
+    adv = group_advantages(rewards, 4, valid=valid)
+    mean, std = 1 / 3, math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)
+    assert adv[2].item() == 0.0
+    assert adv[0].item() == pytest.approx((1 - mean) / (std + 1e-4), abs=1e-6)
+
+
+def test_group_size_below_two_is_refused():
+    with pytest.raises(ValueError, match="at least 2"):
+        group_advantages(torch.tensor([1.0, 0.0]), 1)
+
+
+def test_dr_grpo_scale_none_only_centres():
+    adv = group_advantages(torch.tensor([3.0, 1.0]), 2, scale="none")
+    assert adv.tolist() == [1.0, -1.0]
+
+
+def test_grpo_loss_on_policy_ratio_is_one_and_loss_is_minus_advantage():
+    logps = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    loss, info = grpo_token_loss(logps, logps.detach(), torch.tensor([0.5]))
+    assert loss.tolist() == [[-0.5, -0.5]]
+    assert info["ratio"].tolist() == [[1.0, 1.0]]
+    loss.sum().backward()
+    assert logps.grad.tolist() == [[-0.5, -0.5]]  # ∇(−ρA) = −A at ρ = 1
+
+
+def test_grpo_clipping_caps_positive_advantage_ratio():
+    old = torch.tensor([[0.0, 0.0]])
+    new = torch.tensor([[math.log(1.5), math.log(0.5)]], requires_grad=True)
+    loss, info = grpo_token_loss(new, old, torch.tensor([1.0]), epsilon_low=0.2, epsilon_high=0.2)
+    # A > 0: min(1.5, 1.2) = 1.2 (clipped), min(0.5, 0.8) = 0.5 (unclipped)
+    assert loss.tolist()[0] == pytest.approx([-1.2, -0.5])
+    assert info["clipped"].tolist() == [[1.0, 0.0]]
+    loss.sum().backward()
+    assert new.grad.tolist()[0] == pytest.approx([0.0, -0.5])
+
+
+def test_k3_kl_is_zero_at_equality_and_matches_formula():
+    a = torch.tensor([-1.0, -2.0])
+    assert k3_kl(a, a).tolist() == [0.0, 0.0]
+    kl = k3_kl(torch.tensor([-1.0]), torch.tensor([-1.5]))
+    assert kl.item() == pytest.approx(math.exp(-0.5) + 0.5 - 1, abs=1e-7)
+
+
+def test_grpo_beta_needs_reference():
+    with pytest.raises(ValueError, match="reference"):
+        grpo_token_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), beta=0.1)
+
+
+def test_nll_sum_counts_only_masked_tokens():
+    logps = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    total, count = nll_sum(logps, mask)
+    assert total.item() == 7.0 and count.item() == 3.0

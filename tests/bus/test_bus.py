@@ -1,0 +1,107 @@
+"""The bus: log before delivery, per-agent order, routing, request/reply deadlines, idempotent log."""
+
+import sqlite3
+import threading
+
+import pytest
+
+from posttrain.bus.bus import Bus, RequestTimeout
+from posttrain.bus.envelope import Envelope
+from posttrain.bus.events import make_event
+from posttrain.bus.log import EventLog, read_events
+
+
+def _note(source, text, run_id="r1", **kw):
+    return make_event("run.note.v1", source, run_id, {"level": "info", "text": text}, **kw)
+
+
+@pytest.fixture
+def bus(tmp_path):
+    log = EventLog(tmp_path / "events.sqlite")
+    yield Bus(log, "r1")
+    log.close()
+
+
+def test_event_is_committed_before_it_is_delivered(bus, tmp_path):
+    box = bus.register("a")
+    seen_in_log = []
+
+    def check(seq, env):
+        # An independent read-only connection already sees the row when observers/mailboxes get it.
+        seen_in_log.append(any(e.envelope.id == env.id for e in read_events(tmp_path / "events.sqlite")))
+
+    bus.observe(check)
+    env = _note("x", "hello", target="a")
+    bus.publish(env)
+    assert seen_in_log == [True]
+    assert box.get(timeout=1).id == env.id
+
+
+def test_mailbox_preserves_order_and_routes_by_target_and_subscription(bus):
+    a, b = bus.register("a"), bus.register("b")
+    bus.subscribe("b", "run.note")
+    sent = [_note("x", str(i), target="a") for i in range(20)]
+    for env in sent:
+        bus.publish(env)
+    assert [a.get(timeout=1).data["text"] for _ in range(20)] == [str(i) for i in range(20)]
+    assert [b.get(timeout=1).data["text"] for _ in range(20)] == [str(i) for i in range(20)]
+    # A subscriber does not receive its own events.
+    bus.publish(_note("b", "mine"))
+    assert b.get(timeout=0.05) is None
+
+
+def test_unknown_type_and_bad_payload_are_refused_before_logging(bus, tmp_path):
+    with pytest.raises(ValueError, match="unknown event type"):
+        bus.publish(Envelope(type="made.up.v1", source="x", topic="made", run_id="r1"))
+    with pytest.raises(ValueError):
+        bus.publish(Envelope(type="run.note.v1", source="x", topic="run", run_id="r1", data={"level": "loud"}))
+    assert read_events(tmp_path / "events.sqlite") == []
+
+
+def test_unknown_target_is_an_error(bus):
+    with pytest.raises(ValueError, match="unknown agent"):
+        bus.publish(_note("x", "hi", target="nobody"))
+
+
+def test_request_reply_resolves_by_causation_and_keeps_correlation(bus):
+    box = bus.register("server")
+
+    def serve():
+        req = box.get(timeout=2)
+        bus.publish(req.reply("run.note.v1", "server", {"level": "info", "text": "pong"}))
+
+    threading.Thread(target=serve).start()
+    req = _note("client", "ping", target="server", correlation_id="flow-1")
+    reply = bus.request(req, timeout=2)
+    assert reply.causation_id == req.id and reply.correlation_id == "flow-1" and reply.data["text"] == "pong"
+
+
+def test_request_times_out_at_its_deadline(bus):
+    bus.register("silent")
+    with pytest.raises(RequestTimeout, match="within 0.1 s"):
+        bus.request(_note("client", "ping", target="silent"), timeout=0.1)
+
+
+def test_log_is_idempotent_on_event_id_and_uses_wal(tmp_path):
+    log = EventLog(tmp_path / "e.sqlite")
+    env = _note("x", "once")
+    assert log.append(env) == log.append(env) == 1
+    assert len(log.read()) == 1
+    log.close()
+    mode = sqlite3.connect(tmp_path / "e.sqlite").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_log_columns_match_the_contract(tmp_path):
+    log = EventLog(tmp_path / "e.sqlite")
+    log.append(_note("x", "hi"))
+    log.close()
+    cols = [r[1] for r in sqlite3.connect(tmp_path / "e.sqlite").execute("PRAGMA table_info(events)")]
+    for required in ("seq", "id", "type", "source", "target", "topic", "subject", "time", "correlation_id",
+                     "causation_id", "data"):
+        assert required in cols
+
+
+def test_event_type_must_be_dotted_and_versioned():
+    with pytest.raises(ValueError, match="dotted and versioned"):
+        Envelope(type="note", source="x", topic="t", run_id="r")

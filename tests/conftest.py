@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random models built from configs (no download), and the shared datasets folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATASETS = SHARED / "datasets"
+ORACLE = SHARED / "oracle"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is not available on this machine")
+    return path
+
+
+@pytest.fixture(scope="session")
+def oracle_dir() -> Path:
+    return require(ORACLE)
+
+
+@pytest.fixture(scope="session")
+def datasets_dir() -> Path:
+    return require(DATASETS)
+
+
+CORPUS = [f"Sam has {a} apples and buys {b} more. How many apples? Sam has {a} + {b} = {a + b}.\n#### {a + b}"
+          for a in range(12) for b in range(12)]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from posttrain.models.tokenizer_builder import build_tokenizer
+
+    return build_tokenizer(CORPUS, vocab_size=320)
+
+
+def make_tiny_llama(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_model(tiny_tokenizer):
+    return make_tiny_llama(tiny_tokenizer)
