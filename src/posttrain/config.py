@@ -111,9 +111,22 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override --{key} has no value")
             i += 1
             value = args[i]
-        out[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else None
+        out[key.replace("-", "_")] = _scalar(value)
         i += 1
     return out
+
+
+def _scalar(text: str) -> Any:
+    """A YAML scalar, except that `1e-4` is a float (YAML 1.1 reads exponents without a dot as strings)."""
+    if text == "":
+        return None
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
