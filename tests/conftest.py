@@ -57,3 +57,9 @@ def make_tiny_llama(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2)
 @pytest.fixture
 def tiny_model(tiny_tokenizer):
     return make_tiny_llama(tiny_tokenizer)
+
+
+@pytest.fixture
+def make_llama(tiny_tokenizer):
+    """A factory of fresh tiny random Llamas sharing the tiny tokenizer's vocabulary."""
+    return lambda seed=0, **kw: make_tiny_llama(tiny_tokenizer, seed=seed, **kw)

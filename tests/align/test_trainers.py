@@ -1,0 +1,97 @@
+"""Each trainer runs on a tiny model, changes every trainable parameter, and reports honest counts."""
+
+import math
+
+import pytest
+import torch
+
+from posttrain.align.dpo import train_dpo
+from posttrain.align.engine import TrainOptions
+from posttrain.align.grpo import GRPOSettings, train_grpo
+from posttrain.align.sft import train_sft
+from posttrain.tasks import arithmetic
+
+
+
+@pytest.fixture(scope="module")
+def items():
+    train, _ = arithmetic.make_splits(seed=0, n_train=64, n_test=8)
+    return train
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _all_changed(model, before):
+    return [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(before[n], p.detach())]
+
+
+def test_sft_trains_every_parameter(tiny_tokenizer, items, make_llama):
+    model = make_llama()
+    before = _snapshot(model)
+    result = train_sft(model, tiny_tokenizer, arithmetic.sft_rows(items), TrainOptions(steps=3, batch_size=4, lr=1e-3))
+    assert result.steps == 3 and _all_changed(model, before) == []
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_dpo_first_step_is_ln2_and_every_parameter_changes(tiny_tokenizer, items, make_llama):
+    model = make_llama()
+    before = _snapshot(model)
+    rows = arithmetic.preference_rows(items, seed=0)
+    result = train_dpo(model, tiny_tokenizer, rows, TrainOptions(steps=3, batch_size=4, lr=1e-3), beta=0.1)
+    first = result.history[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/margins"] == 0.0 and first["rewards/accuracies"] == 0.0
+    assert _all_changed(model, before) == []
+
+
+def test_dpo_precomputed_reference_matches_frozen_copy(tiny_tokenizer, items, make_llama):
+    rows = arithmetic.preference_rows(items[:16], seed=0)
+    runs = []
+    for mode in ("copy", "precompute"):
+        model = make_llama()
+        runs.append(train_dpo(model, tiny_tokenizer, rows, TrainOptions(steps=3, batch_size=4, lr=1e-3),
+                              reference=mode).history)
+    for a, b in zip(*runs):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+def test_dpo_drops_identical_and_emptied_pairs_and_counts_them(tiny_tokenizer, items, make_llama):
+    rows = arithmetic.preference_rows(items[:4], seed=0)
+    same = dict(rows[0], rejected=rows[0]["chosen"])
+    model = make_llama()
+    result = train_dpo(model, tiny_tokenizer, rows + [same], TrainOptions(steps=1, batch_size=2, lr=1e-3))
+    assert result.dropped == {"identical_after_truncation": 1} and result.rows == 4
+
+
+def test_grpo_trains_every_parameter_with_a_varying_reward(tiny_tokenizer, items, make_llama):
+    model = make_llama()
+    before = _snapshot(model)
+    rows = arithmetic.verifiable_rows(items)
+    # A reward that varies inside groups (length of the sampled text), so advantages are non-zero.
+    lengths = lambda texts, answers: [float(len(t)) for t in texts]  # noqa: E731
+    settings = GRPOSettings(num_generations=4, prompts_per_step=2, max_new_tokens=8)
+    result = train_grpo(model, tiny_tokenizer, rows, TrainOptions(steps=2, lr=1e-3), settings, lengths)
+    assert result.steps == 2 and _all_changed(model, before) == []
+    assert set(result.history[0]) >= {"loss", "reward", "reward_std", "frac_zero_std_groups", "completion_length"}
+
+
+def test_grpo_all_equal_rewards_give_zero_gradient(tiny_tokenizer, items, make_llama):
+    model = make_llama()
+    before = _snapshot(model)
+    settings = GRPOSettings(num_generations=4, prompts_per_step=2, max_new_tokens=6)
+    result = train_grpo(model, tiny_tokenizer, arithmetic.verifiable_rows(items), TrainOptions(steps=1, lr=1e-2),
+                        settings, lambda texts, answers: [1.0] * len(texts))
+    m = result.history[0]
+    assert m["grad_norm"] == 0.0 and m["frac_zero_std_groups"] == 1.0 and not math.isnan(m["loss"])
+    assert set(_all_changed(model, before)) == set(before)  # AdamW with a zero gradient and no decay moves nothing
+
+
+def test_grpo_beta_reports_zero_kl_at_the_first_step(tiny_tokenizer, items, make_llama):
+    model = make_llama()
+    settings = GRPOSettings(num_generations=4, prompts_per_step=2, max_new_tokens=6, beta=0.04)
+    lengths = lambda texts, answers: [float(len(t)) for t in texts]  # noqa: E731
+    result = train_grpo(model, tiny_tokenizer, arithmetic.verifiable_rows(items), TrainOptions(steps=1, lr=1e-3),
+                        settings, lengths)
+    assert result.history[0]["kl"] == pytest.approx(0.0, abs=1e-7)
