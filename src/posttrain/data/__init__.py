@@ -12,7 +12,7 @@ and are imported from their own modules, so this package imports no torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.data.errors import DataError
@@ -33,7 +33,7 @@ class PreparedData:
     dropped: dict[str, int]  # reason -> count (validate.py)
     profile: dict[str, Any]  # profile.py
     source: str  # the path or hub id the rows came from
-    dropped_rows: dict[str, list[int]] | None = None  # reason -> 1-based row numbers
+    dropped_rows: dict[str, list[int]] = field(default_factory=dict)  # reason -> 1-based row numbers
 
 
 def prepare(source: str, kind: DataKind | str | None = None, split: str | None = None, limit: int | None = None,
