@@ -35,6 +35,8 @@ class DataOptions(_Strict):
                                                      "hold-out of `data`")
     eval_split: str | None = None
     eval_size: int = Field(64, ge=1, description="rows held out from `data` when no eval_data is given")
+    drop_empty: bool = Field(False, description="drop (and count) rows with an empty response instead of failing; "
+                                                "real sets such as UltraFeedback and HH-RLHF contain a few")
     kind: Literal["preference", "verifiable", "sft", "unpaired"] | None = Field(
         None, description="force a data kind instead of detecting it")
 

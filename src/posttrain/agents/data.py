@@ -49,12 +49,13 @@ class DataAgent:
                 profile = prepare_profile(train_rows, kind, tokenizer)
             else:
                 ctx.progress("data", 1, 3, f"validating {cfg.data}")
-                prepared = prepare(cfg.data, kind=opts.kind, split=opts.split, tokenizer=tokenizer)
+                prepared = prepare(cfg.data, kind=opts.kind, split=opts.split, tokenizer=tokenizer,
+                                   drop_empty=opts.drop_empty)
                 kind, source, dropped = str(prepared.kind.value if hasattr(prepared.kind, "value") else prepared.kind), \
                     prepared.source, dict(prepared.dropped)
                 rows = list(prepared.rows)
                 if opts.eval_data:
-                    ev = prepare(opts.eval_data, split=opts.eval_split, tokenizer=tokenizer)
+                    ev = prepare(opts.eval_data, split=opts.eval_split, tokenizer=tokenizer, drop_empty=opts.drop_empty)
                     eval_rows, eval_kind, eval_source = list(ev.rows), str(getattr(ev.kind, "value", ev.kind)), ev.source
                     train_rows = rows
                 else:
