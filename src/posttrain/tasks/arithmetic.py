@@ -48,11 +48,11 @@ def _sub(rng: random.Random, name: str, friend: str, obj: str, box: str) -> tupl
     a = rng.randint(10, 60)
     b = rng.randint(1, a - 1)
     c = a - b
-    q = rng.choice((
-        f"{name} has {a} {obj} and gives {b} of them to {friend}. How many {obj} does {name} have left?",
-        f"There are {a} {obj} on the table. {name} takes away {b}. How many {obj} are left on the table?",
-    ))
-    return q, f"{name} has {a} - {b} = {c} {obj} left.", c
+    if rng.random() < 0.5:
+        q = f"{name} has {a} {obj} and gives {b} of them to {friend}. How many {obj} does {name} have left?"
+        return q, f"{name} has {a} - {b} = {c} {obj} left.", c
+    q = f"There are {a} {obj} on the table. {name} takes away {b}. How many {obj} are left on the table?"
+    return q, f"There are {a} - {b} = {c} {obj} left.", c
 
 
 def _mul(rng: random.Random, name: str, friend: str, obj: str, box: str) -> tuple[str, str, int]:
