@@ -142,3 +142,14 @@ def test_restores_training_mode(tok):
     model = tiny_model(tok).train()
     generate(model, tok, prompts(tok, ["Hi"]), max_new_tokens=2)
     assert model.training
+
+
+def test_wrapped_peft_model_does_not_leak_generation_config(tok):
+    peft = pytest.importorskip("peft")
+    base = tiny_model(tok, init=0.05)
+    base.generation_config = GenerationConfig(top_k=3)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"])).eval()
+    prompt = prompts(tok, ["Sam has 3 apples."])[0]
+    first = _first_tokens(model, tok, prompt, 300, top_k=0)
+    assert len(set(first.tolist())) > 3
+    assert base.generation_config.top_k == 3

@@ -71,12 +71,19 @@ def _pad_left(prompts: list[list[int]], pad_id: int, device: torch.device) -> tu
 def _neutral_generation_config(model: Any) -> Iterator[None]:
     # generate() fills every knob we leave unset from model.generation_config; swapping in an empty config means
     # only what we pass (plus transformers' own neutral global defaults) can shape the distribution.
-    saved = model.generation_config
-    model.generation_config = GenerationConfig()
+    # A wrapper (e.g. a peft model) delegates generate() to the model it wraps, which reads its own config.
+    owners: list[Any] = [model]
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else None
+    if base is not None and base is not model:
+        owners.append(base)
+    saved = [owner.generation_config for owner in owners]
     try:
+        for owner in owners:
+            owner.generation_config = GenerationConfig()
         yield
     finally:
-        model.generation_config = saved
+        for owner, config in zip(owners, saved):
+            owner.generation_config = config
 
 
 @contextlib.contextmanager
