@@ -61,9 +61,10 @@ class EvaluatorAgent:
                                          max_new_tokens=opts.max_new_tokens, samples_path=samples, progress=progress)
             else:
                 r = evaluate_pairwise(model, tokenizer, rows, batch_size=opts.batch_size,
-                                      max_length=self.config.train.max_length, samples_path=samples, progress=progress)
+                                      max_length=self.config.train.max_length,
+                                      max_prompt_length=self.config.train.max_prompt_length, samples_path=samples, progress=progress)
             payload = {"model": name, "metric": metric, "value": float(r.value), "n": int(r.n), "path": str(ref),
-                       "samples_path": str(samples)}
+                       "samples_path": str(samples), "dropped": getattr(r, "dropped", None) or None}
             ctx.publish("eval.result.v1", payload)
             results[name] = payload
         return {"results": results}

@@ -143,6 +143,7 @@ class EvalResult(Payload):
     n: int
     path: str
     samples_path: str | None = None
+    dropped: dict[str, int] | None = None  # held-out rows not scored (e.g. emptied by truncation), by reason
 
 
 class CompressResult(Payload):

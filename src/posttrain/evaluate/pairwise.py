@@ -3,7 +3,8 @@
 Guarantees: for each held-out pair the chosen and rejected completions are scored under the same prompt (shared
 prompt ids, completion tokens only, end-of-turn included) by summed log-probability; the pair counts as correct only
 when chosen scores strictly higher (a tie is wrong, as in TRL's reward accuracy). Nothing is sampled, so the number is
-exact for the model and data. Per-pair records are written when a path is given.
+exact for the model and data. Pairs are tokenized and truncated exactly as DPO trains on them; pairs that
+truncation empties or makes identical are not scored and are counted in `dropped`. Per-pair records are written when a path is given.
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ class PairwiseResult:
     n: int
     correct: int
     samples_path: str | None
+    dropped: dict[str, int]
 
 
 @torch.no_grad()
 def evaluate_pairwise(model: Any, tokenizer: Any, rows: Sequence[dict], *, batch_size: int = 16,
-                      max_length: int = 512, samples_path: str | Path | None = None,
+                      max_length: int = 512, max_prompt_length: int | None = None, samples_path: str | Path | None = None,
                       progress: Callable[[int, int], None] | None = None) -> PairwiseResult:
     model.eval()
-    pairs, dropped = encode_pairs(tokenizer, rows, TrainOptions(max_length=max_length))
+    pairs, dropped = encode_pairs(tokenizer, rows, TrainOptions(max_length=max_length,
+                                                                 max_prompt_length=max_prompt_length))
     if not pairs:
         raise ValueError(f"no pairs left to evaluate after tokenization (dropped: {dropped})")
     pad = pad_id_of(tokenizer)
@@ -55,4 +58,5 @@ def evaluate_pairwise(model: Any, tokenizer: Any, rows: Sequence[dict], *, batch
         with open(samples_path, "w") as fh:
             for rec in records:
                 fh.write(json.dumps(rec) + "\n")
-    return PairwiseResult(correct / len(pairs), len(pairs), correct, str(samples_path) if samples_path else None)
+    return PairwiseResult(correct / len(pairs), len(pairs), correct, str(samples_path) if samples_path else None,
+                          dropped)
