@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from posttrain.align.dpo import train_dpo
+from posttrain.align.preference import train_dpo
 from posttrain.align.engine import TrainOptions
 from posttrain.align.grpo import GRPOSettings, train_grpo
 from posttrain.align.sft import train_sft

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..align.dpo import train_dpo
+from ..align.preference import train_dpo
 from ..align.engine import save_pretrained
 from ..align.grpo import GRPOSettings, train_grpo
 from ..align.sft import train_sft

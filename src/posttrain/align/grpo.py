@@ -27,7 +27,7 @@ from ..rollout.generate import generate
 from .engine import Engine, LossOutput, TrainOptions, set_seed
 from .logprobs import completion_mask, token_logprobs
 from .losses import group_advantages, grpo_token_loss
-from .reference import FrozenReference
+from .reference import make_reference
 from .sft import TrainResult, pad_id_of
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -47,6 +47,7 @@ class GRPOSettings:
     num_iterations: int = 1
     loss_type: Literal["grpo", "dapo"] = "dapo"
     scale_rewards: Literal["group", "none"] = "group"
+    reference: str = "copy"  # a live reference mode (see align.reference.make_reference); used when beta > 0
 
 
 @dataclass
@@ -76,7 +77,7 @@ def train_grpo(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainO
             ids = ids[-options.max_prompt_length:]
         prompts.append((ids, row["answer"]))
     G, pad = settings.num_generations, pad_id_of(tokenizer)
-    reference = FrozenReference(model) if settings.beta > 0 else None
+    reference = make_reference(model, settings.reference) if settings.beta > 0 else None
     engine = Engine(model, options.model_copy(update={"steps": options.steps * settings.num_iterations}))
     result = TrainResult(steps=0, rows=len(prompts))
     rng = random.Random(options.seed)

@@ -88,3 +88,45 @@ def grpo_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: to
         loss = loss + beta * kl
         info["kl"] = kl.detach()
     return loss, info
+
+
+def ipo_loss(chosen_ratio_avg: torch.Tensor, rejected_ratio_avg: torch.Tensor,
+             beta: float = 0.1) -> torch.Tensor:
+    """IPO (Azar et al. 2023, ΨPO with Ψ = identity, eq. 17): (h − 1/(2τ))², τ = `beta`.
+
+    The paper writes h with sequence log-ratios; like TRL (a choice confirmed with the IPO authors, TRL PR #1265)
+    we take each side's log-ratio *averaged over its completion tokens*, h = ρ_w/|y_w| − ρ_l/|y_l|, so the target
+    margin 1/(2τ) does not scale with length. The caller passes those averages. At policy == reference the loss is
+    1/(4τ²) (25 for τ = 0.1).
+    """
+    h = chosen_ratio_avg - rejected_ratio_avg
+    return (h - 1.0 / (2.0 * beta)) ** 2
+
+
+def simpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, beta: float = 2.0, gamma: float = 0.5,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """SimPO (Meng et al. 2024, eq. 6): −log σ(β·avg-logπ(y_w) − β·avg-logπ(y_l) − γ), reference-free.
+
+    Inputs are completion log-probs averaged over tokens. Defaults are the paper's: β = 2.0 and γ = 0.5
+    (γ/β = 0.25, the official `gamma_beta_ratio`). Note TRL's CPO defaults differ (β 0.1, γ 0.5, plus an NLL
+    term unless cpo_alpha = 0). Optional label smoothing as in the official code.
+    """
+    logits = beta * (chosen_avg - rejected_avg) - gamma
+    return -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − eˣ) for x < 0, stable on both sides of −ln 2 (Mächler 2012): log(−expm1(x)) near 0,
+    log1p(−exp(x)) further out. x = 0 (probability 1) gives −inf, as it must."""
+    x = torch.clamp(x, max=0.0)
+    near_zero = x > -0.6931471805599453
+    return torch.where(near_zero, torch.log(-torch.expm1(torch.where(near_zero, x, -1.0))),
+                       torch.log1p(-torch.exp(torch.where(near_zero, -1.0, x))))
+
+
+def orpo_odds_ratio(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ORPO's odds-ratio term (Hong et al. 2024, eq. 6–7) on length-averaged log-probs ℓ:
+    log odds(y) = ℓ − log(1 − e^ℓ); returns (L_OR = −log σ(log odds_w − log odds_l) per pair, the log-odds ratio).
+    The full ORPO loss is L_SFT + λ·L_OR; the trainer adds the NLL term."""
+    log_odds = (chosen_avg - rejected_avg) - (log1mexp(chosen_avg) - log1mexp(rejected_avg))
+    return -F.logsigmoid(log_odds), log_odds

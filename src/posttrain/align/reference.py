@@ -8,7 +8,7 @@ forwards run under `torch.no_grad()`.
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -16,6 +16,22 @@ from ..data.collate import CompletionBatch
 from .logprobs import sequence_logprobs, token_logprobs
 
 ReferenceMode = Literal["copy", "precompute"]
+
+
+class Reference(Protocol):
+    """What a trainer needs from a reference model: log-probs of a batch, without gradients."""
+
+    def sequence_logprobs(self, batch: CompletionBatch, temperature: float = 1.0) -> torch.Tensor: ...
+
+    def token_logprobs(self, batch: CompletionBatch, temperature: float = 1.0) -> torch.Tensor: ...
+
+
+def make_reference(policy: torch.nn.Module, mode: str) -> Reference:
+    """The live reference for `mode` ("copy"). "precompute" is not a live model: trainers cache log-probs with
+    `precompute_sequence_logprobs` instead."""
+    if mode == "copy":
+        return FrozenReference(policy)
+    raise ValueError(f"unknown reference mode {mode!r}; expected one of: copy, precompute")
 
 
 class FrozenReference:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..align.dpo import collate_pairs, encode_pairs
+from ..align.preference import collate_pairs, encode_pairs
 from ..align.engine import TrainOptions
 from ..align.logprobs import sequence_logprobs
 from ..align.sft import pad_id_of
