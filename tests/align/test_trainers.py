@@ -95,3 +95,21 @@ def test_grpo_beta_reports_zero_kl_at_the_first_step(tiny_tokenizer, items, make
     result = train_grpo(model, tiny_tokenizer, arithmetic.verifiable_rows(items), TrainOptions(steps=1, lr=1e-3),
                         settings, lengths)
     assert result.history[0]["kl"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_sft_assistant_turns_supervises_every_assistant_turn(tiny_tokenizer, make_llama):
+    from posttrain.align.sft import encode_sft_rows
+
+    row = {"prompt": [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "#### 2"},
+                      {"role": "user", "content": "2 + 2?"}],
+           "completion": [{"role": "assistant", "content": "#### 4"}]}
+    opts = TrainOptions(steps=1)
+    (ids_c, mask_c), = encode_sft_rows(tiny_tokenizer, [row], opts)[0]
+    (ids_a, mask_a), = encode_sft_rows(tiny_tokenizer, [row], opts, loss_on="assistant_turns")[0]
+    assert ids_c == ids_a
+    eos = tiny_tokenizer.eos_token
+    assert tiny_tokenizer.decode([t for t, m in zip(ids_c, mask_c) if m]) == f"#### 4{eos}"
+    assert tiny_tokenizer.decode([t for t, m in zip(ids_a, mask_a) if m]) == f"#### 2{eos}#### 4{eos}"
+    result = train_sft(make_llama(), tiny_tokenizer, [row] * 4, TrainOptions(steps=2, batch_size=2, lr=1e-3),
+                       loss_on="assistant_turns")
+    assert result.history[0]["units"] == 2 * sum(mask_a)

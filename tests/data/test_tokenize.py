@@ -71,3 +71,18 @@ def test_plain_tokenizer_without_template_appends_eos(tiny_tokenizer):
         assert c.completion_ids.count(tiny_tokenizer.eos_token_id) == 1
     finally:
         tiny_tokenizer.chat_template = saved
+
+
+def test_assistant_turn_mask_covers_each_assistant_turn_exactly(tiny_tokenizer):
+    from posttrain.data.tokenize import encode_conversation
+
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1 + 1?"},
+            {"role": "assistant", "content": "#### 2"}, {"role": "user", "content": "2 + 2?"},
+            {"role": "assistant", "content": "#### 4"}]
+    enc = encode_conversation(tiny_tokenizer, conv)
+    whole = tiny_tokenizer(tiny_tokenizer.apply_chat_template(conv, tokenize=False), add_special_tokens=False)
+    assert enc.input_ids == whole["input_ids"]
+    supervised = [t for t, m in zip(enc.input_ids, enc.assistant_mask) if m]
+    eos = tiny_tokenizer.eos_token
+    assert tiny_tokenizer.decode(supervised) == f"#### 2{eos}#### 4{eos}"
+    assert enc.input_ids.count(tiny_tokenizer.bos_token_id) == 1

@@ -1,6 +1,7 @@
 """Supervised fine-tuning: completion-only NLL, token-normalised over the whole accumulation window.
 
-Guarantees: only completion tokens (the assistant turn, end-of-turn included) are supervised; the loss of an
+Guarantees: only completion tokens (the final assistant turn, or every assistant turn; end-of-turn included) are
+supervised; the loss of an
 optimizer step is Σ(token NLL) / (supervised tokens in the window), so GA=1 and GA=k agree; rows whose completion is
 emptied by truncation are dropped and counted before training.
 """
@@ -8,14 +9,17 @@ emptied by truncation are dropped and counted before training.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
-from ..data.collate import collate_completions
-from ..data.tokenize import EncodedCompletion, encode_completion
+from ..data.collate import collate_masked
+from ..data.tokenize import encode_completion, encode_conversation
 from .batching import windows
 from .engine import Engine, LossOutput, TrainOptions, set_seed
 from .logprobs import completion_mask, token_logprobs
 from .losses import nll_sum
+
+
+SFTLossOn = Literal["completion", "assistant_turns"]
 
 
 @dataclass
@@ -30,11 +34,18 @@ class TrainResult:
         return self.history[-1] if self.history else {}
 
 
-def encode_sft_rows(tokenizer: Any, rows: Sequence[dict], options: TrainOptions) -> tuple[list[EncodedCompletion], dict[str, int]]:
+def encode_sft_rows(tokenizer: Any, rows: Sequence[dict], options: TrainOptions,
+                    loss_on: SFTLossOn = "completion") -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
+    """(ids, supervision mask) per row: the final completion only, or every assistant turn of the conversation."""
     encoded, dropped = [], {}
     for row in rows:
-        enc = encode_completion(tokenizer, row["prompt"], row["completion"], max_length=options.max_length,
-                                max_prompt_length=options.max_prompt_length)
+        if loss_on == "assistant_turns":
+            conv = encode_conversation(tokenizer, row["prompt"] + row["completion"], max_length=options.max_length)
+            enc = (conv.input_ids, conv.assistant_mask) if conv is not None else None
+        else:
+            c = encode_completion(tokenizer, row["prompt"], row["completion"], max_length=options.max_length,
+                                  max_prompt_length=options.max_prompt_length)
+            enc = (c.input_ids, [0] * len(c.prompt_ids) + [1] * len(c.completion_ids)) if c is not None else None
         if enc is None:
             dropped["empty_after_truncation"] = dropped.get("empty_after_truncation", 0) + 1
         else:
@@ -50,18 +61,22 @@ def pad_id_of(tokenizer: Any) -> int:
 
 
 def train_sft(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainOptions,
-              on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
-    """Train `model` in place on normalised SFT rows ({"prompt": messages, "completion": messages})."""
+              on_step: Callable[[int, dict[str, float]], None] | None = None,
+              loss_on: SFTLossOn = "completion") -> TrainResult:
+    """Train `model` in place on normalised SFT rows ({"prompt": messages, "completion": messages}).
+
+    `loss_on="completion"` supervises the final completion; `"assistant_turns"` every assistant turn of the
+    conversation (prompt turns included), as with TRL's assistant_only_loss."""
     set_seed(options.seed)
-    encoded, dropped = encode_sft_rows(tokenizer, rows, options)
+    encoded, dropped = encode_sft_rows(tokenizer, rows, options, loss_on)
     if not encoded:
         raise ValueError(f"no SFT rows left to train on after tokenization (dropped: {dropped})")
     pad = pad_id_of(tokenizer)
     result = TrainResult(steps=0, dropped=dropped, rows=len(encoded))
     engine = Engine(model, options, on_step=on_step)
 
-    def loss_fn(micro: list[EncodedCompletion]) -> LossOutput:
-        batch = collate_completions([(e.prompt_ids, e.completion_ids) for e in micro], pad)
+    def loss_fn(micro: list[tuple[list[int], list[int]]]) -> LossOutput:
+        batch = collate_masked(micro, pad)
         logps = token_logprobs(model, batch)
         mask = completion_mask(batch)
         loss_sum, count = nll_sum(logps, mask)

@@ -24,20 +24,26 @@ class CompletionBatch:
         return int(self.input_ids.shape[0])
 
 
-def collate_completions(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
-                        padding_side: Literal["right", "left"] = "right") -> CompletionBatch:
+def collate_masked(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
+                   padding_side: Literal["right", "left"] = "right") -> CompletionBatch:
+    """Pad (ids, supervision mask) rows; the mask becomes `completion_mask` (e.g. assistant turns only)."""
     if not rows:
         raise ValueError("cannot collate an empty batch")
-    width = max(len(p) + len(c) for p, c in rows)
+    width = max(len(ids) for ids, _ in rows)
     n = len(rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention = torch.zeros((n, width), dtype=torch.long)
-    completion = torch.zeros((n, width), dtype=torch.long)
-    for i, (p, c) in enumerate(rows):
-        length = len(p) + len(c)
-        start = 0 if padding_side == "right" else width - length
-        input_ids[i, start:start + length] = torch.tensor(list(p) + list(c), dtype=torch.long)
-        attention[i, start:start + length] = 1
-        completion[i, start + len(p):start + length] = 1
+    supervised = torch.zeros((n, width), dtype=torch.long)
+    for i, (ids, mask) in enumerate(rows):
+        start = 0 if padding_side == "right" else width - len(ids)
+        input_ids[i, start:start + len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        attention[i, start:start + len(ids)] = 1
+        supervised[i, start:start + len(ids)] = torch.tensor(list(mask), dtype=torch.long)
     positions = (attention.cumsum(dim=1) - 1).clamp(min=0) * attention
-    return CompletionBatch(input_ids, attention, completion, positions)
+    return CompletionBatch(input_ids, attention, supervised, positions)
+
+
+def collate_completions(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
+                        padding_side: Literal["right", "left"] = "right") -> CompletionBatch:
+    """Pad (prompt ids, completion ids) rows; `completion_mask` is 1 on the completion tokens."""
+    return collate_masked([(list(p) + list(c), [0] * len(p) + [1] * len(c)) for p, c in rows], pad_id, padding_side)

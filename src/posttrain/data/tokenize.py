@@ -118,3 +118,55 @@ def encode_completion(tokenizer: Any, prompt: Messages, completion: Messages, *,
     if not c_ids:
         return None
     return EncodedCompletion(p_ids, c_ids, truncated)
+
+
+@dataclass(frozen=True)
+class EncodedConversation:
+    """A whole conversation's ids with a mask that is 1 on assistant-turn tokens (end-of-turn included)."""
+
+    input_ids: list[int]
+    assistant_mask: list[int]
+
+
+def encode_conversation(tokenizer: Any, messages: Messages, *, max_length: int | None = None) -> EncodedConversation | None:
+    """Encode every turn of a conversation, marking each assistant turn for supervision (assistant-turns-only SFT).
+
+    The template is rendered once per turn boundary and each new segment tokenized on its own, so every assistant
+    turn's ids decode back to that turn (end-of-turn included) and nothing merges across a boundary. Truncation keeps
+    the start (`max_length`); None when no assistant token survives it.
+    """
+    if not has_chat_template(tokenizer):
+        raise ValueError("assistant-turns-only loss needs a chat template; use the completion-only loss instead")
+    ids: list[int] = []
+    mask: list[int] = []
+    rendered = ""
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            prefix = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
+            if not prefix.startswith(rendered):
+                raise ValueError("the chat template is not prefix-preserving across turns")
+            _append(tokenizer, prefix[len(rendered):], 0, ids, mask, first=not rendered)
+            rendered = prefix
+        full = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not full.startswith(rendered):
+            raise ValueError("the chat template is not prefix-preserving across turns "
+                             f"(turn {i + 1}, role {message['role']!r})")
+        _append(tokenizer, full[len(rendered):], int(message["role"] == "assistant"), ids, mask,
+                first=not rendered)
+        rendered = full
+    if max_length is not None:
+        ids, mask = ids[:max_length], mask[:max_length]
+    if not any(mask):
+        return None
+    return EncodedConversation(ids, mask)
+
+
+def _append(tokenizer: Any, text: str, flag: int, ids: list[int], mask: list[int], first: bool) -> None:
+    if not text:
+        return
+    seg = _encode_text(tokenizer, text)
+    if first:
+        starts_with_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
+        seg = _with_single_bos(tokenizer, seg, starts_with_bos or _tokenizer_adds_bos(tokenizer))
+    ids.extend(seg)
+    mask.extend([flag] * len(seg))
