@@ -112,3 +112,36 @@ def test_nll_sum_counts_only_masked_tokens():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     total, count = nll_sum(logps, mask)
     assert total.item() == 7.0 and count.item() == 3.0
+
+
+def test_ipo_loss_exact():
+    from posttrain.align.losses import ipo_loss
+
+    # h = 0.3 - (-0.2) = 0.5, target 1/(2*0.25) = 2 -> (0.5 - 2)^2 = 2.25
+    assert ipo_loss(torch.tensor([0.3]), torch.tensor([-0.2]), beta=0.25).item() == pytest.approx(2.25)
+    assert ipo_loss(torch.tensor([0.0]), torch.tensor([0.0]), beta=0.1).item() == pytest.approx(25.0)
+
+
+def test_simpo_loss_exact_with_paper_defaults():
+    from posttrain.align.losses import simpo_loss
+
+    # β(ℓw − ℓl) − γ = 2·(−1 + 1.5) − 0.5 = 0.5
+    loss = simpo_loss(torch.tensor([-1.0]), torch.tensor([-1.5]))
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-0.5)), abs=1e-7)
+
+
+def test_orpo_odds_ratio_exact_and_stable():
+    from posttrain.align.losses import log1mexp, orpo_odds_ratio
+
+    lw, lr = -0.5, -2.0
+    log_odds = (lw - lr) - (math.log(1 - math.exp(lw)) - math.log(1 - math.exp(lr)))
+    loss, lo = orpo_odds_ratio(torch.tensor([lw]), torch.tensor([lr]))
+    assert lo.item() == pytest.approx(log_odds, abs=1e-6)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-log_odds)), abs=1e-6)
+    # Both branches of log1mexp, and finite gradients near 0 and far out.
+    x = torch.tensor([-1e-6, -0.6931, -0.6932, -30.0], dtype=torch.float64, requires_grad=True)
+    values = log1mexp(x)
+    expected = [math.log(-math.expm1(v)) for v in x.tolist()]
+    assert values.tolist() == pytest.approx(expected, rel=1e-9)
+    values.sum().backward()
+    assert torch.isfinite(x.grad).all()

@@ -113,3 +113,32 @@ def test_sft_assistant_turns_supervises_every_assistant_turn(tiny_tokenizer, mak
     result = train_sft(make_llama(), tiny_tokenizer, [row] * 4, TrainOptions(steps=2, batch_size=2, lr=1e-3),
                        loss_on="assistant_turns")
     assert result.history[0]["units"] == 2 * sum(mask_a)
+
+
+@pytest.mark.parametrize("method,first_loss", [("ipo", 25.0), ("simpo", None), ("orpo", None)])
+def test_length_normalised_methods_train_every_parameter(method, first_loss, tiny_tokenizer, items, make_llama):
+    from posttrain.align.preference import PreferenceSettings, train_preference
+
+    model = make_llama()
+    before = _snapshot(model)
+    rows = arithmetic.preference_rows(items, seed=0)
+    result = train_preference(model, tiny_tokenizer, rows, TrainOptions(steps=3, batch_size=4, lr=1e-3),
+                              PreferenceSettings(method=method))
+    assert _all_changed(model, before) == []
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    if first_loss is not None:
+        assert result.history[0]["loss"] == pytest.approx(first_loss, abs=1e-5)
+        assert result.history[0]["kl"] == 0.0
+
+
+def test_common_prefix_moves_into_the_prompt_for_length_normalised_losses(tiny_tokenizer, items):
+    from posttrain.align.preference import encode_pairs
+
+    rows = arithmetic.preference_rows(items[:4], seed=0)
+    plain, _ = encode_pairs(tiny_tokenizer, rows, TrainOptions())
+    moved, _ = encode_pairs(tiny_tokenizer, rows, TrainOptions(), move_common_prefix=True)
+    for a, b in zip(plain, moved):
+        assert b.chosen.input_ids == a.chosen.input_ids and b.rejected.input_ids == a.rejected.input_ids
+        assert b.chosen.prompt_ids == b.rejected.prompt_ids
+        assert b.chosen.completion_ids[0] != b.rejected.completion_ids[0]
+        assert len(b.chosen.completion_ids) >= 1 and len(b.rejected.completion_ids) >= 1
