@@ -8,7 +8,7 @@ Example (configs/demo.yaml shows the full set):
 
     model: embedded            # or a local path / hub id
     data: null                 # null: the embedded arithmetic task; else a path or hub id
-    method: auto               # auto | sft | dpo | grpo
+    method: auto               # auto | sft | rm | dpo | ipo | simpo | orpo | kto | grpo
     train: {steps: 30, lr: 1e-5}
 """
 
@@ -41,9 +41,54 @@ class DataOptions(_Strict):
         None, description="force a data kind instead of detecting it")
 
 
+ReferenceModeName = Literal["copy", "precompute", "adapter_disabled", "adapter_copy", "auto"]
+REFERENCE_HELP = ("copy: a frozen copy; precompute: log-probs of the initial policy computed once; adapter_disabled: "
+                  "the LoRA base with adapters off; adapter_copy: a frozen copy of an existing adapter; auto: pick")
+
+
+class SFTOptions(_Strict):
+    loss_on: Literal["completion", "assistant_turns"] = Field(
+        "completion", description="supervise the final completion, or every assistant turn of the conversation")
+
+
 class DPOOptions(_Strict):
-    beta: float = Field(0.1, gt=0, description="KL strength (Rafailov et al. 2023 use 0.1)")
+    beta: float = Field(0.1, gt=0, description="KL strength β (Rafailov et al. 2023 use 0.1)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO label noise ε")
+    reference: ReferenceModeName = Field("copy", description=REFERENCE_HELP)
+
+
+class IPOOptions(_Strict):
+    beta: float = Field(0.1, gt=0, description="τ; the target margin of the length-averaged log-ratios is 1/(2τ)")
+    reference: ReferenceModeName = Field("copy", description=REFERENCE_HELP)
+
+
+class SimPOOptions(_Strict):
+    beta: float = Field(2.0, gt=0, description="reward scale β (Meng et al. 2024 default 2.0)")
+    gamma: float = Field(0.5, ge=0, description="target margin γ (paper: γ/β = 0.25)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+
+
+class ORPOOptions(_Strict):
+    beta: float = Field(0.1, gt=0, description="λ, weight of the odds-ratio term (Hong et al. 2024 use 0.1)")
+
+
+class KTOOptions(_Strict):
+    beta: float = Field(0.1, gt=0, description="β (Ethayarajh et al. 2024 use 0.1)")
+    desirable_weight: float = Field(1.0, gt=0, description="λ_D; keep λ_D·n_D / (λ_U·n_U) in [1, 4/3]")
+    undesirable_weight: float = Field(1.0, gt=0, description="λ_U")
+    reference: ReferenceModeName = Field("copy", description=REFERENCE_HELP)
+
+
+class RewardModelOptions(_Strict):
+    center_coefficient: float | None = Field(None, ge=0, description="Eisenstein et al. 2023 centering (0.01)")
+    margin_field: str | None = Field(None, description="a row field holding a per-pair margin (Llama 2)")
+
+
+class LoraSection(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = Field("all-linear", description="'all-linear' or module names")
 
 
 class GRPOOptions(_Strict):
@@ -79,7 +124,7 @@ class EvalOptions(_Strict):
 class RunConfig(_Strict):
     model: str = Field("embedded", description="'embedded', a local path or a hub id")
     data: str | None = Field(None, description="training data: path or hub id; null = the embedded task")
-    method: Literal["auto", "sft", "dpo", "grpo"] = "auto"
+    method: Literal["auto", "sft", "rm", "dpo", "ipo", "simpo", "orpo", "kto", "grpo"] = "auto"
     seed: int = 0
     runs_dir: str = "runs"
     run_name: str | None = Field(None, description="prefix of the run id")
@@ -88,7 +133,14 @@ class RunConfig(_Strict):
     task_timeout_s: float = Field(1800.0, gt=0, description="a stage task fails past this deadline")
     data_options: DataOptions = Field(default_factory=DataOptions)
     train: TrainOptions = Field(default_factory=lambda: TrainOptions(steps=30, batch_size=8, lr=1e-5))
+    lora: LoraSection | None = Field(None, description="train LoRA adapters (PEFT) instead of all weights")
+    sft: SFTOptions = Field(default_factory=SFTOptions)
+    rm: RewardModelOptions = Field(default_factory=RewardModelOptions)
     dpo: DPOOptions = Field(default_factory=DPOOptions)
+    ipo: IPOOptions = Field(default_factory=IPOOptions)
+    simpo: SimPOOptions = Field(default_factory=SimPOOptions)
+    orpo: ORPOOptions = Field(default_factory=ORPOOptions)
+    kto: KTOOptions = Field(default_factory=KTOOptions)
     grpo: GRPOOptions = Field(default_factory=GRPOOptions)
     compress: CompressOptions = Field(default_factory=CompressOptions)
     evaluate: EvalOptions = Field(default_factory=EvalOptions)

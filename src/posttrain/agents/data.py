@@ -15,6 +15,7 @@ from ..bus.envelope import Envelope
 from ..config import RunConfig
 from ..data import prepare
 from ..data.errors import DataError
+from ..data.profile import profile as profile_rows
 from ..models.loading import load_tokenizer
 from ..tasks import arithmetic
 from ._io import write_jsonl
@@ -40,13 +41,13 @@ class DataAgent:
         try:
             if cfg.data is None:
                 train_items, test_items = arithmetic.make_splits(seed=0)
-                kind, source = "verifiable", EMBEDDED_SOURCE
-                train_rows = arithmetic.verifiable_rows(train_items)
+                kind, train_rows = embedded_training_rows(cfg.method, train_items, cfg.seed)
+                source = f"{EMBEDDED_SOURCE} ({kind})"
                 eval_rows, eval_kind, eval_source = arithmetic.verifiable_rows(test_items), "verifiable", \
                     f"{EMBEDDED_SOURCE} (test split)"
                 dropped: dict[str, int] = {}
                 ctx.progress("data", 1, 3, "profiling")
-                profile = prepare_profile(train_rows, kind, tokenizer)
+                profile = dict(profile_rows(train_rows, kind, tokenizer))
             else:
                 ctx.progress("data", 1, 3, f"validating {cfg.data}")
                 prepared = prepare(cfg.data, kind=opts.kind, split=opts.split, tokenizer=tokenizer,
@@ -81,6 +82,17 @@ class DataAgent:
                 "model": cfg.model}
 
 
+def embedded_training_rows(method: str, items: list, seed: int) -> tuple[str, list[dict]]:
+    """The embedded task in the form the method trains on: prompts with answers (GRPO, and `auto`), pairs of the
+    correct solution against one with an arithmetic slip (preference methods and KTO, which converts them), or the
+    worked solutions as demonstrations (SFT). Evaluation is always exact match on the test split."""
+    if method in ("dpo", "ipo", "simpo", "orpo", "rm", "kto"):
+        return "preference", arithmetic.preference_rows(items, seed=seed)
+    if method == "sft":
+        return "sft", arithmetic.sft_rows(items)
+    return "verifiable", arithmetic.verifiable_rows(items)
+
+
 def hold_out(rows: list[dict], eval_size: int, seed: int) -> tuple[list[dict], list[dict]]:
     """Split off `eval_size` rows (seeded shuffle) for evaluation; at least one row stays for training."""
     if len(rows) < 2:
@@ -92,8 +104,3 @@ def hold_out(rows: list[dict], eval_size: int, seed: int) -> tuple[list[dict], l
     held = set(order[:k])
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in order[:k]]
 
-
-def prepare_profile(rows: list[dict], kind: str, tokenizer: Any) -> dict[str, Any]:
-    from ..data.profile import profile
-
-    return dict(profile(rows, kind, tokenizer))

@@ -1,7 +1,8 @@
 """The evaluator agent: measures each model on the held-out rows, with real generation or real log-likelihoods.
 
 Thin over `posttrain.evaluate`. Verifiable rows -> exact match of the `#### N` answer under greedy generation;
-preference rows -> pairwise accuracy (chosen scored above rejected). Every value comes with its n and per-sample
+preference rows -> pairwise accuracy (chosen scored above rejected); demonstrations -> teacher-forced token accuracy;
+any other kind -> nothing is measured, and a note says so. Every value comes with its n and per-sample
 records under `artifacts/eval/`.
 """
 
@@ -15,11 +16,12 @@ from ..compress.int8 import is_int8_artifact, load_int8
 from ..config import RunConfig
 from ..evaluate.exact_match import evaluate_exact_match
 from ..evaluate.pairwise import evaluate_pairwise
+from ..evaluate.token_accuracy import evaluate_token_accuracy
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
 from ._io import read_jsonl
-from .runtime import AgentContext, TaskError
+from .runtime import AgentContext
 
-METRIC_OF_KIND = {"verifiable": "exact_match", "preference": "pairwise_accuracy"}
+METRIC_OF_KIND = {"verifiable": "exact_match", "preference": "pairwise_accuracy", "sft": "token_accuracy"}
 
 
 class EvaluatorAgent:
@@ -44,7 +46,10 @@ class EvaluatorAgent:
         kind = p["eval_kind"]
         metric = METRIC_OF_KIND.get(kind)
         if metric is None:
-            raise TaskError(f"no evaluation defined for held-out data of kind {kind!r}")
+            ctx.publish("run.note.v1", {"level": "warning", "text": (
+                f"nothing measured: there is no held-out metric for data of kind {kind!r}; set "
+                "data_options.eval_data to prompts with checkable answers, preference pairs or demonstrations")})
+            return {"results": {}}
         rows = read_jsonl(p["eval_path"], limit=opts.limit)
         stage = env.data["stage"]
         results = {}
@@ -59,6 +64,10 @@ class EvaluatorAgent:
             if kind == "verifiable":
                 r = evaluate_exact_match(model, tokenizer, rows, batch_size=opts.batch_size,
                                          max_new_tokens=opts.max_new_tokens, samples_path=samples, progress=progress)
+            elif kind == "sft":
+                r = evaluate_token_accuracy(model, tokenizer, rows, batch_size=opts.batch_size,
+                                            max_length=self.config.train.max_length, samples_path=samples,
+                                            progress=progress)
             else:
                 r = evaluate_pairwise(model, tokenizer, rows, batch_size=opts.batch_size,
                                       max_length=self.config.train.max_length,

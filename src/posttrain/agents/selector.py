@@ -40,9 +40,10 @@ class SelectorAgent:
         ctx.progress("select", 0, 1, "measuring the model and machine")
         num_params = count_params_from_config(self.config.model, self.config.trust_remote_code)
         try:
-            choice = select_method(params["kind"], int(params["profile"].get("train_rows", params["profile"].get("rows", 0))),
-                                   num_params, Machine.detect(),
-                                   explicit=None if self.config.method == "auto" else self.config.method)
+            rows = int(params["profile"].get("train_rows", params["profile"].get("rows", 0)))
+            choice = select_method(params["kind"], rows, num_params, Machine.detect(),
+                                   explicit=None if self.config.method == "auto" else self.config.method,
+                                   lora=self.config.lora is not None)
         except ValueError as exc:
             raise TaskError(str(exc)) from exc
         ctx.publish("method.selected.v1", {"method": choice.method, "rationale": choice.rationale,

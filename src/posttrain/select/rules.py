@@ -2,7 +2,7 @@
 
 Guarantees: an explicit method wins (and the rationale says it was explicit, and warns when it does not fit the
 data kind's needs); otherwise the choice follows the data kind: prompts with a verifier -> GRPO, preference pairs ->
-DPO, demonstrations -> SFT. Every number in the rationale is measured (rows, parameter count, memory) or computed
+DPO (SimPO when the machine cannot hold DPO's reference copy), unpaired labels -> KTO, demonstrations -> SFT. Every number in the rationale is measured (rows, parameter count, memory) or computed
 from them; nothing is invented.
 """
 
@@ -13,8 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-# What each method trains on (the data kind it needs).
-METHOD_KIND = {"sft": "sft", "dpo": "preference", "grpo": "verifiable"}
+# The data kinds each method trains on (KTO also takes pairs: each becomes a desirable and an undesirable row).
+METHOD_KINDS: dict[str, tuple[str, ...]] = {
+    "sft": ("sft",), "rm": ("preference",), "dpo": ("preference",), "ipo": ("preference",),
+    "simpo": ("preference",), "orpo": ("preference",), "kto": ("unpaired", "preference"), "grpo": ("verifiable",),
+}
+NEEDS_REFERENCE = {"dpo", "ipo", "kto"}
 
 
 @dataclass(frozen=True)
@@ -48,34 +52,52 @@ def _fp32_copy_bytes(num_params: int) -> int:
     return 4 * num_params
 
 
-def select_method(kind: str, rows: int, num_params: int, machine: Machine, explicit: str | None = None) -> Selection:
+def training_bytes(num_params: int, with_reference: bool) -> int:
+    """fp32 weights + gradients + two AdamW moments (4 copies), plus a frozen reference copy when needed.
+    Activations are not counted: the rationale says so."""
+    return _fp32_copy_bytes(num_params) * (5 if with_reference else 4)
+
+
+def select_method(kind: str, rows: int, num_params: int, machine: Machine, explicit: str | None = None,
+                  lora: bool = False) -> Selection:
     budget = machine.gpu_bytes or machine.ram_bytes
+    where = "GPU memory" if machine.gpu_bytes else "RAM"
     copy = _fp32_copy_bytes(num_params)
     facts = (f"the data is '{kind}' ({rows} rows); the model has {num_params:,} parameters "
              f"(~{copy / 2**20:.1f} MiB per fp32 copy); the machine has {machine.describe()}")
     if explicit and explicit != "auto":
-        need = METHOD_KIND.get(explicit)
-        if need is None:
-            raise ValueError(f"unknown method {explicit!r}; available: {', '.join(sorted(METHOD_KIND))}")
-        fit = "" if need == kind else (f" Warning: {explicit.upper()} trains on '{need}' data but this data is "
-                                       f"'{kind}'.")
+        kinds = METHOD_KINDS.get(explicit)
+        if kinds is None:
+            raise ValueError(f"unknown method {explicit!r}; available: {', '.join(sorted(METHOD_KINDS))}")
+        fit = "" if kind in kinds else (f" Warning: {explicit.upper()} trains on '{kinds[0]}' data but this data "
+                                        f"is '{kind}'.")
         return Selection(explicit, f"{explicit.upper()} was set explicitly in the configuration; {facts}.{fit}",
                          None, True)
     if kind == "verifiable":
-        # Policy + optimizer state (2 moments) + optional reference: ~4 copies.
         return Selection("grpo", f"GRPO: {facts}. Prompts with checkable answers let GRPO learn from the "
                                  "verifier's reward directly, with a group baseline instead of a value network and "
-                                 f"no reward model (policy, AdamW state and an optional reference need about "
-                                 f"{4 * copy / 2**20:.1f} MiB of the {budget / 2**30:.1f} GiB available).",
-                         "ppo", False)
+                                 f"no reward model (weights, gradients and AdamW state: about "
+                                 f"{training_bytes(num_params, False) / 2**20:.1f} MiB of {budget / 2**30:.1f} GiB "
+                                 f"{where}; activations not counted).", "ppo", False)
     if kind == "preference":
-        return Selection("dpo", f"DPO: {facts}. Preference pairs train DPO offline against a frozen reference "
-                                f"(policy, AdamW state and reference: about {4 * copy / 2**20:.1f} MiB of the "
-                                f"{budget / 2**30:.1f} GiB available), with no reward model and no sampling.",
-                         "ipo", False)
+        with_ref = training_bytes(num_params, not lora)
+        if with_ref <= budget:
+            ref = "the LoRA base with adapters disabled (no extra copy)" if lora else "a frozen reference copy"
+            return Selection("dpo", f"DPO: {facts}. Preference pairs train DPO offline against {ref} (weights, "
+                                    f"gradients, AdamW state and reference: about {with_ref / 2**20:.1f} MiB of "
+                                    f"{budget / 2**30:.1f} GiB {where}; activations not counted), with no reward "
+                                    "model and no sampling.", "simpo", False)
+        return Selection("simpo", f"SimPO: {facts}. DPO would need a reference copy (about {with_ref / 2**20:.1f} MiB "
+                                  f"with weights, gradients and AdamW state) which does not fit in "
+                                  f"{budget / 2**30:.1f} GiB {where}; SimPO is reference-free and length-normalised "
+                                  f"(about {training_bytes(num_params, False) / 2**20:.1f} MiB).", "orpo", False)
+    if kind == "unpaired":
+        return Selection("kto", f"KTO: {facts}. Unpaired desirable/undesirable labels are what KTO learns from "
+                                "(Ethayarajh et al. 2024): no pairs are needed, only a reference point estimated "
+                                "from mismatched pairs in each batch.", None, False)
     if kind == "sft":
         return Selection("sft", f"SFT: {facts}. Demonstrations (prompt and completion) are learnt by supervised "
                                 "fine-tuning on the completion tokens; preference methods need pairs or a verifier.",
                          None, False)
-    raise ValueError(f"no method available yet for data of kind {kind!r} (supported: verifiable -> GRPO, "
-                     "preference -> DPO, sft -> SFT)")
+    raise ValueError(f"no method available for data of kind {kind!r} (supported: verifiable -> GRPO, "
+                     "preference -> DPO/SimPO, unpaired -> KTO, sft -> SFT)")
