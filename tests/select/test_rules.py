@@ -1,0 +1,42 @@
+"""Method selection: by data kind, by memory, explicit choices win and warn when they do not fit."""
+
+import pytest
+
+from posttrain.select.rules import Machine, select_method, training_bytes
+
+GIB = 2**30
+
+
+def test_kinds_map_to_methods():
+    m = Machine(ram_bytes=24 * GIB, cuda_devices=0, gpu_bytes=0)
+    assert select_method("verifiable", 100, 10**6, m).method == "grpo"
+    assert select_method("preference", 100, 10**6, m).method == "dpo"
+    assert select_method("unpaired", 100, 10**6, m).method == "kto"
+    assert select_method("sft", 100, 10**6, m).method == "sft"
+
+
+def test_pairs_fall_back_to_reference_free_simpo_when_the_reference_does_not_fit():
+    params = 10**9  # 4 GB per fp32 copy: 4 copies = 16 GB fit, 5 copies = 20 GB do not fit in 18 GB
+    m = Machine(ram_bytes=18 * 10**9, cuda_devices=0, gpu_bytes=0)
+    choice = select_method("preference", 1000, params, m)
+    assert choice.method == "simpo" and choice.runner_up == "orpo"
+    assert "does not fit" in choice.rationale and "reference-free" in choice.rationale
+    assert f"{training_bytes(params, True) / 2**20:.1f} MiB" in choice.rationale
+
+
+def test_lora_keeps_dpo_because_the_reference_is_the_base_with_adapters_off():
+    m = Machine(ram_bytes=18 * 10**9, cuda_devices=0, gpu_bytes=0)
+    choice = select_method("preference", 1000, 10**9, m, lora=True)
+    assert choice.method == "dpo" and "adapters disabled" in choice.rationale
+
+
+def test_explicit_method_wins_and_warns_on_a_kind_mismatch():
+    m = Machine(ram_bytes=24 * GIB, cuda_devices=0, gpu_bytes=0)
+    choice = select_method("verifiable", 10, 10**6, m, explicit="dpo")
+    assert choice.method == "dpo" and choice.explicit and "Warning" in choice.rationale
+    assert "Warning" not in select_method("preference", 10, 10**6, m, explicit="kto").rationale
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="unknown method"):
+        select_method("preference", 10, 10, Machine(GIB, 0, 0), explicit="magic")
