@@ -130,3 +130,57 @@ def orpo_odds_ratio(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor) -> tup
     The full ORPO loss is L_SFT + λ·L_OR; the trainer adds the NLL term."""
     log_odds = (chosen_avg - rejected_avg) - (log1mexp(chosen_avg) - log1mexp(rejected_avg))
     return -F.logsigmoid(log_odds), log_odds
+
+
+def kto_kl_baseline(kl_policy_logps: torch.Tensor, kl_ref_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z₀ (Ethayarajh et al. 2024, eqs. 7–8): the batch estimate of KL(π_θ ‖ π_ref),
+    mean(logπ_θ(y'|x) − logπ_ref(y'|x)) over *mismatched* pairs (x_i, y_j≠i), detached and clamped at 0.
+
+    The caller must pass log-probs of mismatched pairs (ALGORITHMS.md pitfall 11); with matched pairs z₀ would be
+    the batch's own mean log-ratio, so the loss would only push each reward away from that mean. No gradient flows
+    through z₀ (the paper and HALOs do not back-propagate it). An empty input gives 0.
+    """
+    if kl_policy_logps.numel() == 0:
+        return torch.zeros((), dtype=kl_policy_logps.dtype, device=kl_policy_logps.device)
+    return (kl_policy_logps - kl_ref_logps).detach().mean().clamp(min=0.0)
+
+
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.Tensor,
+             kl_baseline: torch.Tensor | float, beta: float = 0.1, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024, eq. 8): per-example λ_y − v(x, y) with ρ = logπ_θ(y|x) − logπ_ref(y|x)
+    (summed completion log-probs) and reference point z₀ = `kl_baseline`:
+
+        desirable (label True):    λ_D·(1 − σ(β(ρ − z₀)))
+        undesirable (label False): λ_U·(1 − σ(β(z₀ − ρ)))
+
+    Defaults are the paper's (β = 0.1, λ_D = λ_U = 1). Returns (per-example losses, rewards β·ρ detached). Each
+    example's loss depends only on its own ρ and z₀, so a batch holding a single label is finite and meaningful
+    (pitfall 12). At policy == reference and z₀ = 0 every loss is exactly 0.5·λ_y.
+    """
+    ratio = policy_logps - ref_logps
+    z0 = torch.as_tensor(kl_baseline, dtype=ratio.dtype, device=ratio.device).detach()
+    # 1 − σ(t) is written σ(−t): the same value without the cancellation of 1 − (something close to 1).
+    desirable = desirable_weight * torch.sigmoid(-beta * (ratio - z0))
+    undesirable = undesirable_weight * torch.sigmoid(-beta * (z0 - ratio))
+    losses = torch.where(labels.to(torch.bool), desirable, undesirable)
+    return losses, beta * ratio.detach()
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
+                       margin: torch.Tensor | float | None = None,
+                       center_coefficient: float | None = None) -> torch.Tensor:
+    """Reward-model loss per pair (Bradley–Terry; Stiennon et al. 2020, Ouyang et al. 2022): −log σ(r_w − r_l).
+
+    With `margin` m (Llama 2, Touvron et al. 2023): −log σ(r_w − r_l − m). With `center_coefficient` c (Eisenstein
+    et al. 2023, "Helping or herding?"): + c·(r_w + r_l)², which pins the mean reward near 0 (the preference term
+    depends only on r_w − r_l). None leaves the term out (TRL's default; 0.01 is its recommended value). At r_w = r_l
+    and no margin the loss is ln 2.
+    """
+    diff = chosen_scores - rejected_scores
+    if margin is not None:
+        diff = diff - margin
+    losses = -F.logsigmoid(diff)
+    if center_coefficient:
+        losses = losses + center_coefficient * (chosen_scores + rejected_scores) ** 2
+    return losses
