@@ -103,7 +103,7 @@ def test_bad_data_fails_cleanly_naming_file_row_and_field(line, field, tmp_path,
     assert report["method"] is None
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo", "ipo", "simpo", "orpo"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "ipo", "simpo", "orpo", "kto", "rm"])
 def test_each_offline_method_runs_through_the_agents_on_the_embedded_task(method, tmp_path, capsys):
     code, run_dir, report = _run_cli(["demo", "--quiet", "--method", method, "--train.steps", "3",
                                       "--runs_dir", str(tmp_path), "--evaluate.limit", "24",
@@ -111,6 +111,8 @@ def test_each_offline_method_runs_through_the_agents_on_the_embedded_task(method
     assert code == 0 and report["status"] == "succeeded", report.get("error")
     assert report["method"] == method and "explicitly" in report["rationale"]
     assert report["accuracy"]["aligned"]["n"] == 24
+    if method == "rm":  # scored on held-out pairs by reward; the base has no reward head, so nothing is claimed
+        assert report["accuracy"]["aligned"]["metric"] == "reward_accuracy" and report["accuracy"]["base"] is None
     events = _check_log_contract(run_dir, ["data", "select", "evaluate_base", "train", "evaluate"])
     steps = [e["data"]["step"] for e in events if e["type"] == "train.metrics.v1"]
     assert steps == [1, 2, 3]

@@ -15,7 +15,7 @@ import torch
 from ..bus.envelope import Envelope
 from ..compress.int8 import load_int8, quantize_model_to_dir
 from ..config import RunConfig
-from ..models.loading import load_model, load_tokenizer, resolve_model_path, weights_size_bytes
+from ..models.loading import is_reward_model, load_model, load_tokenizer, resolve_model_path, weights_size_bytes
 from .runtime import AgentContext
 
 
@@ -33,7 +33,12 @@ class CompressorAgent:
         source = env.data["params"]["model"]
         method = self.config.compress.method
         ctx.progress("compress", 0, 3, "loading")
-        model = load_model(source, trust_remote_code=self.config.trust_remote_code)
+        if is_reward_model(source):
+            from ..align.reward_model import load_reward_model
+
+            model = load_reward_model(source)
+        else:
+            model = load_model(source, trust_remote_code=self.config.trust_remote_code)
         tokenizer = load_tokenizer(source, trust_remote_code=self.config.trust_remote_code)
         out = self.run_dir / "artifacts" / "compressed" / method
         ctx.progress("compress", 1, 3, "quantizing")

@@ -143,7 +143,7 @@ class Coordinator:
             return {"kind": r["data"]["kind"], "profile": r["data"]["profile"]}
         if stage == "evaluate_base":
             return {"models": {"base": r["data"]["model"]}, "eval_path": r["data"]["eval_path"],
-                    "eval_kind": r["data"]["eval_kind"]}
+                    "eval_kind": r["data"]["eval_kind"], "method": r["select"]["method"]}
         if stage == "train":
             return {"method": r["select"]["method"], "model": r["data"]["model"], "kind": r["data"]["kind"],
                     "train_path": r["data"]["train_path"]}
@@ -153,5 +153,6 @@ class Coordinator:
             models = {"aligned": r["train"]["checkpoint"]}
             if "compress" in r:
                 models["compressed"] = r["compress"]["path"]
-            return {"models": models, "eval_path": r["data"]["eval_path"], "eval_kind": r["data"]["eval_kind"]}
+            return {"models": models, "eval_path": r["data"]["eval_path"], "eval_kind": r["data"]["eval_kind"],
+                    "method": r["select"]["method"]}
         raise ValueError(f"no parameters defined for stage {stage!r}")

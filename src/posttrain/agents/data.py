@@ -43,8 +43,10 @@ class DataAgent:
                 train_items, test_items = arithmetic.make_splits(seed=0)
                 kind, train_rows = embedded_training_rows(cfg.method, train_items, cfg.seed)
                 source = f"{EMBEDDED_SOURCE} ({kind})"
-                eval_rows, eval_kind, eval_source = arithmetic.verifiable_rows(test_items), "verifiable", \
-                    f"{EMBEDDED_SOURCE} (test split)"
+                eval_rows, eval_kind = arithmetic.verifiable_rows(test_items), "verifiable"
+                if cfg.method == "rm":  # a reward model is measured on held-out pairs, not by generation
+                    eval_rows, eval_kind = arithmetic.preference_rows(test_items, seed=cfg.seed), "preference"
+                eval_source = f"{EMBEDDED_SOURCE} (test split)"
                 dropped: dict[str, int] = {}
                 ctx.progress("data", 1, 3, "profiling")
                 profile = dict(profile_rows(train_rows, kind, tokenizer))

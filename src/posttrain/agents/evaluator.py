@@ -17,7 +17,7 @@ from ..config import RunConfig
 from ..evaluate.exact_match import evaluate_exact_match
 from ..evaluate.pairwise import evaluate_pairwise
 from ..evaluate.token_accuracy import evaluate_token_accuracy
-from ..models.loading import load_model, load_tokenizer, resolve_model_path
+from ..models.loading import is_reward_model, load_model, load_tokenizer, resolve_model_path
 from ._io import read_jsonl
 from .runtime import AgentContext
 
@@ -36,6 +36,10 @@ class EvaluatorAgent:
         path = resolve_model_path(ref)
         if is_int8_artifact(path):
             return load_int8(path), load_tokenizer(path)
+        if is_reward_model(path):
+            from ..align.reward_model import load_reward_model
+
+            return load_reward_model(path), load_tokenizer(path)
         return (load_model(ref, trust_remote_code=self.config.trust_remote_code),
                 load_tokenizer(ref, trust_remote_code=self.config.trust_remote_code))
 
@@ -53,7 +57,16 @@ class EvaluatorAgent:
         rows = read_jsonl(p["eval_path"], limit=opts.limit)
         stage = env.data["stage"]
         results = {}
+        reward_run = p.get("method") == "rm"
+        if reward_run and kind != "preference":
+            ctx.publish("run.note.v1", {"level": "warning", "text": (
+                f"nothing measured: a reward model is evaluated on held-out preference pairs, not on {kind!r} data")})
+            return {"results": {}}
         for name, ref in p["models"].items():
+            if reward_run and name == "base":
+                ctx.publish("run.note.v1", {"level": "info", "text": (
+                    "base not measured: the base model has no reward head yet (one is added for training)")})
+                continue
             ctx.progress(stage, 0, len(rows), f"loading {name}")
             model, tokenizer = self._load(ref)
             samples = self.run_dir / "artifacts" / "eval" / f"{name}.jsonl"
@@ -69,10 +82,10 @@ class EvaluatorAgent:
                                             max_length=self.config.train.max_length, samples_path=samples,
                                             progress=progress)
             else:
-                r = evaluate_pairwise(model, tokenizer, rows, batch_size=opts.batch_size,
+                r = evaluate_pairwise(model, tokenizer, rows, reward_model=reward_run, batch_size=opts.batch_size,
                                       max_length=self.config.train.max_length,
                                       max_prompt_length=self.config.train.max_prompt_length, samples_path=samples, progress=progress)
-            payload = {"model": name, "metric": metric, "value": float(r.value), "n": int(r.n), "path": str(ref),
+            payload = {"model": name, "metric": "reward_accuracy" if reward_run else metric, "value": float(r.value), "n": int(r.n), "path": str(ref),
                        "samples_path": str(samples), "dropped": getattr(r, "dropped", None) or None}
             ctx.publish("eval.result.v1", payload)
             results[name] = payload

@@ -50,7 +50,8 @@ class RewardTrainResult(TrainResult):
 
 def _score_head(model: Any) -> torch.nn.Module:
     head = getattr(model, "score", None)
-    if not isinstance(head, torch.nn.Linear):
+    # Any linear-like head with `out_features` (nn.Linear, or a quantized linear such as compress.int8.Int8Linear).
+    if not isinstance(head, torch.nn.Module) or not hasattr(head, "out_features"):
         raise ValueError(f"{type(model).__name__} has no linear `score` head; pass a sequence-classification "
                          "model or build one with load_reward_model")
     if head.out_features != 1:

@@ -82,13 +82,16 @@ def is_int8_artifact(path: str | Path) -> bool:
 
 def load_int8(path: str | Path) -> nn.Module:
     """Rebuild the model from the artifact's config with `Int8Linear` layers holding the stored int8 weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = Path(path)
     meta = json.loads((path / "quantization.json").read_text())
     config = AutoConfig.from_pretrained(path)
     # Built on the CPU, not the meta device: non-persistent buffers (rotary frequencies) must be real tensors.
-    model = AutoModelForCausalLM.from_config(config)
+    archs = getattr(config, "architectures", None) or []
+    auto = AutoModelForSequenceClassification if any(a.endswith("ForSequenceClassification") for a in archs) \
+        else AutoModelForCausalLM
+    model = auto.from_config(config)
     state = load_file(str(path / "model.safetensors"))
     for name in meta["linears"]:
         parent_name, _, child = name.rpartition(".")

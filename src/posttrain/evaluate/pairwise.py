@@ -1,4 +1,5 @@
-"""Pairwise preference accuracy: how often a model gives the chosen completion a higher log-likelihood.
+"""Pairwise preference accuracy: how often a model gives the chosen completion a higher log-likelihood (or, for a
+reward model, a higher reward score).
 
 Guarantees: for each held-out pair the chosen and rejected completions are scored under the same prompt (shared
 prompt ids, completion tokens only, end-of-turn included) by summed log-probability; the pair counts as correct only
@@ -32,7 +33,8 @@ class PairwiseResult:
 
 
 @torch.no_grad()
-def evaluate_pairwise(model: Any, tokenizer: Any, rows: Sequence[dict], *, batch_size: int = 16,
+def evaluate_pairwise(model: Any, tokenizer: Any, rows: Sequence[dict], *, reward_model: bool = False,
+                      batch_size: int = 16,
                       max_length: int = 512, max_prompt_length: int | None = None, samples_path: str | Path | None = None,
                       progress: Callable[[int, int], None] | None = None) -> PairwiseResult:
     model.eval()
@@ -44,7 +46,13 @@ def evaluate_pairwise(model: Any, tokenizer: Any, rows: Sequence[dict], *, batch
     records, correct = [], 0
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        logps, _ = sequence_logprobs(model, collate_pairs(chunk, pad))
+        batch = collate_pairs(chunk, pad)
+        if reward_model:
+            from ..align.reward_model import sequence_scores
+
+            logps = sequence_scores(model, batch)
+        else:
+            logps, _ = sequence_logprobs(model, batch)
         n = len(chunk)
         for j in range(n):
             c, r = float(logps[j]), float(logps[n + j])

@@ -53,6 +53,17 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_r
     return model
 
 
+def is_reward_model(name_or_path: str) -> bool:
+    """True when the checkpoint's config names a sequence-classification architecture (a reward model)."""
+    import json
+
+    config = Path(resolve_model_path(name_or_path)) / "config.json"
+    if not config.exists():
+        return False
+    archs = json.loads(config.read_text()).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
 def weights_size_bytes(directory: str | Path) -> int:
     """Bytes of the weight files (*.safetensors, *.bin, *.gguf) in a model directory."""
     directory = Path(directory)
