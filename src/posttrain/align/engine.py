@@ -90,6 +90,11 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _fused_ok(params: list[torch.nn.Parameter]) -> bool:
+    return all(p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+               and p.device.type in ("cpu", "cuda") for p in params)
+
+
 class Engine:
     """Owns the optimizer and schedule of one model and performs optimizer steps from micro-batches."""
 
@@ -101,8 +106,9 @@ class Engine:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
+        # fused: one kernel for all parameters instead of a Python loop over them (4-8% of a small model's step).
         self.optimizer = torch.optim.AdamW(_param_groups(model, options.weight_decay), lr=options.lr,
-                                           betas=options.adam_betas)
+                                           betas=options.adam_betas, fused=_fused_ok(self.params))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(options))
         self.step_count = 0
 

@@ -24,8 +24,7 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     return torch.stack(rows)
 
 
-def token_logprobs(model: torch.nn.Module, batch: CompletionBatch, temperature: float = 1.0) -> torch.Tensor:
-    """[B, T-1] log-probs of each next token that is a completion token; 0 elsewhere."""
+def _full_token_logprobs(model: torch.nn.Module, batch: CompletionBatch, temperature: float) -> torch.Tensor:
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids, use_cache=False)
     logits = out.logits[:, :-1, :]
@@ -34,6 +33,56 @@ def token_logprobs(model: torch.nn.Module, batch: CompletionBatch, temperature: 
     labels = batch.input_ids[:, 1:]
     mask = batch.completion_mask[:, 1:].to(logits.dtype)
     return selective_log_softmax(logits, labels) * mask
+
+
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model wraps in place
+    get_decoder = getattr(base, "get_decoder", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if get_decoder is None or head is None:
+        return None
+    decoder = get_decoder()
+    return (decoder, head) if decoder is not None and decoder is not base else None
+
+
+def _selected_token_logprobs(parts: tuple[torch.nn.Module, torch.nn.Module], batch: CompletionBatch,
+                             temperature: float) -> torch.Tensor:
+    decoder, head = parts
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     position_ids=batch.position_ids, use_cache=False).last_hidden_state[:, :-1]
+    mask = batch.completion_mask[:, 1:].bool()
+    logits = head(hidden[mask])  # the vocabulary projection only where a token is scored
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = selective_log_softmax(logits, batch.input_ids[:, 1:][mask])
+    out = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device)
+    return out.masked_scatter(mask, picked)
+
+
+# Whether the fast path reproduces the model's own forward, per model class (checked once, on real inputs).
+_FAST_PATH_OK: dict[type, bool] = {}
+
+
+def token_logprobs(model: torch.nn.Module, batch: CompletionBatch, temperature: float = 1.0) -> torch.Tensor:
+    """[B, T-1] log-probs of each next token that is a completion token; 0 elsewhere.
+
+    The vocabulary projection runs only on the scored positions (the decoder's hidden states are gathered first),
+    which saves most of the lm_head's time and memory when prompts are long. Models whose forward does more than
+    `lm_head(decoder(x))` (logit soft-capping, scaling) would differ: the first call for each model class checks
+    the fast path against the model's own forward and falls back to the full forward if they disagree.
+    """
+    parts = _decoder_and_head(model)
+    key = type(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    if parts is None or _FAST_PATH_OK.get(key) is False:
+        return _full_token_logprobs(model, batch, temperature)
+    fast = _selected_token_logprobs(parts, batch, temperature)
+    if key not in _FAST_PATH_OK:
+        with torch.no_grad():
+            full = _full_token_logprobs(model, batch, temperature)
+        _FAST_PATH_OK[key] = bool(torch.allclose(fast.detach(), full, atol=1e-4, rtol=1e-4))
+        if not _FAST_PATH_OK[key]:
+            return _full_token_logprobs(model, batch, temperature)
+    return fast
 
 
 def completion_mask(batch: CompletionBatch) -> torch.Tensor:
