@@ -95,3 +95,88 @@ def sequence_logprobs(model: torch.nn.Module, batch: CompletionBatch,
     """(summed completion log-probs [B], completion token counts [B])."""
     logps = token_logprobs(model, batch, temperature)
     return logps.sum(dim=-1), completion_mask(batch).sum(dim=-1)
+
+
+def shared_prompt_logprobs(model: torch.nn.Module, prompts: list[list[int]], completions: list[list[list[int]]],
+                           pad_id: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs when K completions share each prompt: the prompt is run once, its keys and values
+    are repeated for the K completions, and only the completions are run again.
+
+    `completions[i]` holds the K completion id lists of prompt i (K equal for all prompts). Returns (sums [B*K],
+    counts [B*K]) in prompt-major order (p0c0, p0c1, ..., p1c0, ...). Equal, up to float rounding, to scoring each
+    prompt+completion on its own; for pairs with long prompts it costs about half the compute. Falls back to the
+    plain path for models without a separable decoder and head, or whose fast path failed its check.
+    """
+    k = len(completions[0])
+    if any(len(c) != k for c in completions):
+        raise ValueError("every prompt needs the same number of completions")
+    parts = _decoder_and_head(model)
+    key = type(model.get_base_model() if hasattr(model, "get_base_model") else model)
+
+    def plain() -> tuple[torch.Tensor, torch.Tensor]:
+        from ..data.collate import collate_completions
+
+        rows = [(p, c) for p, cs in zip(prompts, completions) for c in cs]
+        return sequence_logprobs(model, collate_completions(rows, pad_id), temperature)
+
+    if parts is None or _FAST_PATH_OK.get(key) is False:
+        return plain()
+    fast = _shared_prompt(parts, model, prompts, completions, k, pad_id, temperature)
+    if key not in _FAST_PATH_OK:  # first use for this model class: check against the model's own forward
+        with torch.no_grad():
+            reference = plain()
+        _FAST_PATH_OK[key] = bool(torch.allclose(fast[0].detach(), reference[0], atol=1e-4, rtol=1e-4))
+        if not _FAST_PATH_OK[key]:
+            return plain()
+    return fast
+
+
+def _shared_prompt(parts: tuple[torch.nn.Module, torch.nn.Module], model: torch.nn.Module, prompts: list[list[int]],
+                   completions: list[list[list[int]]], k: int, pad_id: int,
+                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    decoder, head = parts
+    device = next(model.parameters()).device
+    n, width = len(prompts), max(len(p) for p in prompts)
+    prompt_ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
+    prompt_mask = torch.zeros((n, width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):  # left-padded: every prompt ends at the last column
+        prompt_ids[i, width - len(p):] = torch.tensor(p, device=device)
+        prompt_mask[i, width - len(p):] = 1
+    prompt_pos = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True)
+    cache = _cache_of(out)
+    if k > 1:
+        cache.batch_repeat_interleave(k)
+    last = out.last_hidden_state[:, -1].repeat_interleave(k, dim=0)  # predicts each completion's first token
+    flat = [c for cs in completions for c in cs]
+    c_width = max(len(c) for c in flat)
+    comp_ids = torch.full((n * k, c_width), pad_id, dtype=torch.long, device=device)
+    comp_mask = torch.zeros((n * k, c_width), dtype=torch.long, device=device)
+    for i, c in enumerate(flat):
+        comp_ids[i, :len(c)] = torch.tensor(c, device=device)
+        comp_mask[i, :len(c)] = 1
+    lengths = prompt_mask.sum(1).repeat_interleave(k)
+    comp_pos = lengths[:, None] + torch.arange(c_width, device=device)[None, :]
+    full_mask = torch.cat([prompt_mask.repeat_interleave(k, dim=0), comp_mask], dim=1)
+    hidden = decoder(input_ids=comp_ids, attention_mask=full_mask, position_ids=comp_pos, use_cache=True,
+                     **{_cache_kwarg(decoder): cache}).last_hidden_state
+    predictors = torch.cat([last[:, None], hidden[:, :-1]], dim=1)
+    mask = comp_mask.bool()
+    logits = head(predictors[mask])
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = selective_log_softmax(logits, comp_ids[mask])
+    per_token = torch.zeros(mask.shape, dtype=picked.dtype, device=device).masked_scatter(mask, picked)
+    return per_token.sum(-1), comp_mask.sum(-1).to(per_token.dtype)
+
+
+def _cache_kwarg(decoder: torch.nn.Module) -> str:
+    # transformers renamed `past_key_values` to `cache` (5.2x); accept both.
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _cache_of(output) -> object:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values

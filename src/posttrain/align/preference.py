@@ -23,9 +23,9 @@ from ..data.collate import CompletionBatch, collate_completions
 from ..data.tokenize import EncodedCompletion, encode_completion, encode_prompt
 from .batching import windows
 from .engine import Engine, LossOutput, TrainOptions, set_seed
-from .logprobs import sequence_logprobs
+from .logprobs import shared_prompt_logprobs
 from .losses import dpo_loss, ipo_loss, orpo_odds_ratio, simpo_loss
-from .reference import ReferenceMode, make_reference, precompute_sequence_logprobs
+from .reference import ReferenceMode, make_reference, run_frozen
 from .sft import TrainResult, pad_id_of
 
 PreferenceMethod = Literal["dpo", "ipo", "simpo", "orpo"]
@@ -100,6 +100,14 @@ def collate_pairs(pairs: Sequence[EncodedPair], pad: int) -> CompletionBatch:
     return collate_completions(rows, pad)
 
 
+def pair_logprobs(model: Any, pairs: Sequence[EncodedPair], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed completion log-probs, token counts), chosen rows first then rejected, the shared prompt run once."""
+    sums, counts = shared_prompt_logprobs(model, [p.chosen.prompt_ids for p in pairs],
+                                          [[p.chosen.completion_ids, p.rejected.completion_ids] for p in pairs], pad)
+    # prompt-major (c0, r0, c1, r1, ...) -> (c0, c1, ..., r0, r1, ...)
+    return sums.view(-1, 2).T.reshape(-1), counts.view(-1, 2).T.reshape(-1)
+
+
 def pair_losses(method: PreferenceMethod, settings: PreferenceSettings, logps: torch.Tensor, counts: torch.Tensor,
                 ref: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses and the (chosen, rejected) implicit rewards, from [2B] summed log-probs and token counts."""
@@ -138,9 +146,10 @@ def train_preference(model: Any, tokenizer: Any, rows: Sequence[dict], options: 
     ref_model = None
     if NEEDS_REFERENCE[method]:
         if settings.reference == "precompute":
-            chunks = [pairs[i:i + options.batch_size] for i in range(0, len(pairs), options.batch_size)]
-            batches = [collate_pairs(c, pad) for c in chunks]
-            for chunk, logps in zip(chunks, precompute_sequence_logprobs(model, batches)):
+            # The same scoring path as the policy's, so step 0 is exact (not just equal up to rounding).
+            for i in range(0, len(pairs), options.batch_size):
+                chunk = pairs[i:i + options.batch_size]
+                logps = run_frozen(model, lambda m: pair_logprobs(m, chunk, pad)[0])
                 for j, p in enumerate(chunk):
                     ref_cache[p.index] = (float(logps[j]), float(logps[len(chunk) + j]))
         else:
@@ -148,11 +157,10 @@ def train_preference(model: Any, tokenizer: Any, rows: Sequence[dict], options: 
 
     def loss_fn(micro: list[EncodedPair]) -> LossOutput:
         n = len(micro)
-        batch = collate_pairs(micro, pad)
-        logps, counts = sequence_logprobs(model, batch)
+        logps, counts = pair_logprobs(model, micro, pad)
         ref = None
         if ref_model is not None:
-            ref = ref_model.sequence_logprobs(batch)
+            ref = ref_model.run(lambda m: pair_logprobs(m, micro, pad)[0])
         elif ref_cache:
             ref = torch.tensor([ref_cache[p.index][0] for p in micro] + [ref_cache[p.index][1] for p in micro],
                                dtype=logps.dtype)

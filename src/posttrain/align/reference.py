@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Iterator, Literal, Protocol
+from typing import Any, Callable, Iterator, Literal, Protocol, TypeVar
 
 import torch
 
 from ..data.collate import CompletionBatch
 from .logprobs import sequence_logprobs, token_logprobs
+
+T = TypeVar("T")
 
 ReferenceMode = Literal["copy", "precompute", "adapter_disabled", "adapter_copy", "auto"]
 LIVE_MODES = ("copy", "adapter_disabled", "adapter_copy", "auto")
@@ -48,6 +50,10 @@ class Reference(Protocol):
     def sequence_logprobs(self, batch: CompletionBatch, temperature: float = 1.0) -> torch.Tensor: ...
 
     def token_logprobs(self, batch: CompletionBatch, temperature: float = 1.0) -> torch.Tensor: ...
+
+    def run(self, fn: Callable[[torch.nn.Module], T]) -> T:
+        """fn(reference network), without gradients, in the reference's state (for custom scoring paths)."""
+        ...
 
 
 def make_reference(policy: torch.nn.Module, mode: str) -> Reference:
@@ -94,6 +100,10 @@ class FrozenReference:
             p.requires_grad_(False)
 
     @torch.no_grad()
+    def run(self, fn: Callable[[torch.nn.Module], T]) -> T:
+        return fn(self.model)
+
+    @torch.no_grad()
     def sequence_logprobs(self, batch: CompletionBatch, temperature: float = 1.0) -> torch.Tensor:
         return sequence_logprobs(self.model, batch, temperature)[0]
 
@@ -111,6 +121,10 @@ class _SharedNetworkReference:
     @contextlib.contextmanager
     def _switched(self) -> Iterator[None]:
         raise NotImplementedError
+
+    def run(self, fn: Callable[[torch.nn.Module], T]) -> T:
+        with _borrowed(self.model), self._switched():
+            return fn(self.model)
 
     def sequence_logprobs(self, batch: CompletionBatch, temperature: float = 1.0) -> torch.Tensor:
         with _borrowed(self.model), self._switched():
@@ -175,14 +189,19 @@ class AdapterCopyReference(_SharedNetworkReference):
 
 
 @torch.no_grad()
-def precompute_sequence_logprobs(policy: torch.nn.Module, batches: list[CompletionBatch]) -> list[torch.Tensor]:
-    """Summed completion log-probs of each batch under the current (initial) policy, in eval mode."""
+def run_frozen(policy: torch.nn.Module, fn: Callable[[torch.nn.Module], T]) -> T:
+    """fn(policy) in eval mode without gradients, restoring the mode after: scoring the initial policy once."""
     was_training = policy.training
     policy.eval()
     try:
-        return [sequence_logprobs(policy, b)[0] for b in batches]
+        return fn(policy)
     finally:
         policy.train(was_training)
+
+
+def precompute_sequence_logprobs(policy: torch.nn.Module, batches: list[CompletionBatch]) -> list[torch.Tensor]:
+    """Summed completion log-probs of each batch under the current (initial) policy, in eval mode."""
+    return run_frozen(policy, lambda m: [sequence_logprobs(m, b)[0] for b in batches])
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
