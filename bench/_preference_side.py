@@ -249,7 +249,7 @@ _BUCKETS = {
     # bucket: (file suffix, function name) pairs whose cumulative times are added
     "tokenize_before_loop": [("align/sft.py", "encode_sft_rows"), ("align/preference.py", "encode_pairs"),
                              ("align/kto.py", "encode_unpaired"), ("align/reward_model.py", "_encode")],
-    "reference_setup": [("align/reference.py", "make_reference"), ("align/reference.py", "precompute_sequence_logprobs")],
+    "reference_setup": [("align/reference.py", "make_reference"), ("align/reference.py", "run_frozen")],
     "collate": [("data/collate.py", "collate_completions"), ("data/collate.py", "collate_masked")],
     "all_forwards": [("align/logprobs.py", "token_logprobs"), ("align/reward_model.py", "sequence_scores")],
     "reference_forward": [("align/reference.py", "sequence_logprobs"), ("align/reference.py", "token_logprobs")],

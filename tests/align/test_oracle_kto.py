@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from posttrain.align.kto import EncodedExample, collate_examples, collate_kl_pairs
+from posttrain.align.kto import EncodedExample, collate_examples, collate_kl_pairs, example_and_kl_logprobs
 from posttrain.align.logprobs import sequence_logprobs
 from posttrain.align.losses import kto_kl_baseline, kto_loss
 from posttrain.data.tokenize import EncodedCompletion
@@ -74,6 +74,10 @@ def test_summed_logprobs_match_peer_on_real_and_kl_sequences(frozen, case, batch
         assert logps.tolist() == pytest.approx(ref["completion_sum"], abs=1e-4)
         assert counts.tolist() == ref["completion_ntok"]
         assert kl_logps.tolist() == pytest.approx(ref["KL_completion_sum"], abs=1e-4)
+        # The training path scores both rows with one prompt forward; it must agree with the collated rows.
+        own, kl_shared = example_and_kl_logprobs(model, batches[0], 0, case["method_config"]["max_length"])
+        assert own.tolist() == pytest.approx(ref["completion_sum"], abs=1e-4)
+        assert kl_shared.tolist() == pytest.approx(ref["KL_completion_sum"], abs=1e-4)
 
 
 @torch.no_grad()

@@ -29,9 +29,9 @@ from ..data.collate import CompletionBatch, collate_completions
 from ..data.tokenize import EncodedCompletion, encode_completion
 from .batching import cycle_batches
 from .engine import Engine, LossOutput, TrainOptions, set_seed
-from .logprobs import sequence_logprobs
+from .logprobs import shared_prompt_logprobs
 from .losses import kto_kl_baseline, kto_loss
-from .reference import ReferenceMode, make_reference, precompute_sequence_logprobs
+from .reference import ReferenceMode, make_reference, run_frozen
 from .sft import TrainResult, pad_id_of
 
 
@@ -112,6 +112,19 @@ def collate_kl_pairs(examples: Sequence[EncodedExample], pad: int, max_length: i
     return collate_completions(rows, pad)
 
 
+def example_and_kl_logprobs(model: Any, examples: Sequence[EncodedExample], pad: int,
+                            max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs of each example and of its KL row (its prompt + its partner's completion, as in
+    `collate_kl_pairs`), with each prompt run once for both (`shared_prompt_logprobs`, K = 2)."""
+    partners = kl_partners(len(examples))
+    completions = [[e.encoded.completion_ids,
+                    examples[j].encoded.completion_ids[:max_length - len(e.encoded.prompt_ids)]]
+                   for e, j in zip(examples, partners)]
+    sums, _ = shared_prompt_logprobs(model, [e.encoded.prompt_ids for e in examples], completions, pad)
+    pairs = sums.view(-1, 2)
+    return pairs[:, 0], pairs[:, 1]
+
+
 def distinct_micro_batches(examples: Sequence[EncodedExample], batch_size: int,
                            seed: int) -> Iterator[list[EncodedExample]]:
     """Endless micro-batches of `batch_size` distinct examples in seeded, per-epoch reshuffled order.
@@ -190,8 +203,8 @@ def train_kto(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainOp
         # Pairs change with every micro-batch, so the whole schedule is drawn first and scored by the initial policy.
         schedule = [next_window() for _ in range(options.steps)]
         for m in (m for window in schedule for m in window):  # one micro-batch at a time: only floats are kept
-            m.ref, m.kl_ref = precompute_sequence_logprobs(
-                model, [collate_examples(m.examples, pad), collate_kl_pairs(m.examples, pad, options.max_length)])
+            m.ref, m.kl_ref = run_frozen(
+                model, lambda net, ex=m.examples: example_and_kl_logprobs(net, ex, pad, options.max_length))
         feed: Iterator[list[KTOMicroBatch]] = iter(schedule)
     else:
         ref_model = make_reference(model, settings.reference)
@@ -199,13 +212,11 @@ def train_kto(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainOp
 
     def loss_fn(micro: KTOMicroBatch) -> LossOutput:
         n = len(micro.examples)
-        batch = collate_examples(micro.examples, pad)
-        kl_batch = collate_kl_pairs(micro.examples, pad, options.max_length)
-        logps, _ = sequence_logprobs(model, batch)
-        with torch.no_grad():  # z₀ is not back-propagated: no graph for the KL forward
-            kl_logps, _ = sequence_logprobs(model, kl_batch)
+        logps, kl_logps = example_and_kl_logprobs(model, micro.examples, pad, options.max_length)
+        kl_logps = kl_logps.detach()  # z₀ is not back-propagated
         if ref_model is not None:
-            ref, kl_ref = ref_model.sequence_logprobs(batch), ref_model.sequence_logprobs(kl_batch)
+            ref, kl_ref = ref_model.run(lambda net: example_and_kl_logprobs(net, micro.examples, pad,
+                                                                            options.max_length))
         else:
             ref, kl_ref = micro.ref, micro.kl_ref
         z0 = kto_kl_baseline(kl_logps, kl_ref)

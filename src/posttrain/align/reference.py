@@ -15,7 +15,7 @@ Guarantees:
 Modes (`make_reference(policy, mode)`):
 - "copy": a deep copy of the policy, frozen, in eval mode (any model; costs a second copy of the weights).
 - "precompute": not a live model; trainers cache log-probs of the initial policy with
-  `precompute_sequence_logprobs`.
+  `run_frozen`.
 - "adapter_disabled": a LoRA `PeftModel` whose adapter is still at its init (every B = 0, so base == policy); the
   reference is the base network, run inside `disable_adapter()`. No extra memory. Refused for an adapter that has
   already been trained (that reference would be the base model, not the policy: huggingface/trl#1340).
@@ -58,7 +58,7 @@ class Reference(Protocol):
 
 def make_reference(policy: torch.nn.Module, mode: str) -> Reference:
     """The live reference for `mode` (see the module docstring). "precompute" is not a live model: trainers cache
-    log-probs with `precompute_sequence_logprobs` instead."""
+    log-probs with `run_frozen` instead."""
     if mode == "auto":
         mode = resolve_reference_mode(policy)
     if mode == "copy":
@@ -197,11 +197,6 @@ def run_frozen(policy: torch.nn.Module, fn: Callable[[torch.nn.Module], T]) -> T
         return fn(policy)
     finally:
         policy.train(was_training)
-
-
-def precompute_sequence_logprobs(policy: torch.nn.Module, batches: list[CompletionBatch]) -> list[torch.Tensor]:
-    """Summed completion log-probs of each batch under the current (initial) policy, in eval mode."""
-    return run_frozen(policy, lambda m: [sequence_logprobs(m, b)[0] for b in batches])
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
