@@ -14,7 +14,11 @@ the run succeeded, 1 when it failed, 2 for a usage or configuration error.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import sqlite3
 import sys
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -54,7 +58,15 @@ def _cmd_pipeline(args: argparse.Namespace, extra: list[str]) -> int:
         else:
             print(render_markdown(outcome.report))
     print(outcome.run_dir, flush=True)
-    return 0 if outcome.status == "succeeded" else 1
+    code = 130 if outcome.interrupted else (0 if outcome.status == "succeeded" else 1)
+    if outcome.abandoned_agents:
+        # A thread still inside a torch call cannot be joined, and letting the interpreter tear it down aborts the
+        # process; everything is logged and reported, so leave now.
+        print(f"posttrain: abandoning busy agent thread(s): {', '.join(outcome.abandoned_agents)}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _resolve_run(run: str, runs_dir: str) -> Path:
@@ -130,11 +142,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Our own views report progress; the libraries' progress bars and advisories would drown them."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _sigterm_as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("demo", "run"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _quiet_libraries()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         if args.command in ("demo", "run"):
             return _cmd_pipeline(args, extra)
@@ -145,9 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "runs":
             return _cmd_runs(args)
         return _cmd_embedded(args)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError, sqlite3.Error) as exc:
         print(f"posttrain: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `posttrain show RUN | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ class RunConfig(_Strict):
     method: Literal["auto", "sft", "rm", "dpo", "ipo", "simpo", "orpo", "kto", "grpo"] = "auto"
     seed: int = 0
     runs_dir: str = "runs"
-    run_name: str | None = Field(None, description="prefix of the run id")
+    run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                                 description="prefix of the run id (letters, digits, '.', '_', '-')")
     trust_remote_code: bool = Field(False, description="execute model code from the hub (off: never by default)")
     run_timeout_s: float = Field(3600.0, gt=0, description="the run fails with a clear reason past this")
     task_timeout_s: float = Field(1800.0, gt=0, description="a stage task fails past this deadline")
@@ -200,9 +201,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist" if not path.exists() else
+                              f"{path} is not a file: give the path of a YAML config")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
         raw = loaded

@@ -45,6 +45,8 @@ class RunOutcome:
     run_dir: Path
     status: str
     report: dict[str, Any]
+    interrupted: bool = False
+    abandoned_agents: tuple[str, ...] = ()  # agent threads still busy (hung, or interrupted mid-step)
 
 
 def new_run_id(prefix: str | None = None) -> str:
@@ -61,7 +63,20 @@ def default_agents(config: RunConfig, run_dir: Path) -> dict[str, Any]:
 def execute(config: RunConfig, *, view: str = "plain", console: Console | None = None,
             agents: dict[str, Any] | None = None,
             customize: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
-    """Run the pipeline described by `config`; `customize` may replace agents (tests inject faulty ones)."""
+    """Run the pipeline described by `config`; `customize` may replace agents (tests inject faulty ones).
+
+    A KeyboardInterrupt (Ctrl-C, or SIGTERM turned into one by the CLI) ends the run as failed with the reason
+    recorded, and the report is still written."""
+    if config.model == "embedded" and agents is None:
+        # Set-up, not a stage: building the embedded model (once, then cached) must not count against a stage's
+        # progress watchdog, and the user should see it happen.
+        from .models.embedded import cache_root, embedded_dir_name, embedded_model_dir, is_built
+
+        if not is_built(cache_root() / embedded_dir_name()):
+            (console or Console(stderr=True)).print(
+                "[posttrain] building the embedded model (once; cached under "
+                f"{cache_root()}); this takes a minute or two on a laptop CPU", highlight=False)
+        embedded_model_dir()
     run_id = new_run_id(config.run_name)
     run_dir = Path(config.runs_dir).resolve() / run_id
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -96,8 +111,18 @@ def execute(config: RunConfig, *, view: str = "plain", console: Console | None =
     guard.start()
 
     live = LiveView(run_dir / "events.sqlite", mode=view, console=console)
-    live.run_until_finished(stop_event=finished)
-    finished.wait()
+    interrupted = False
+    try:
+        live.run_until_finished(stop_event=finished)
+        finished.wait()
+    except KeyboardInterrupt:
+        interrupted = True
+        if not finished.is_set():
+            busy = [f"{r.agent.name} ({r.task_id})" for r in runners if r.task_id]
+            bus.publish(make_event("run.finished.v1", RUNNER, run_id, {"status": "failed", "error": {
+                "agent": RUNNER, "task": None,
+                "reason": "interrupted by the user" + (f" while {', '.join(busy)} was busy" if busy else "")}},
+                correlation_id=start_env.id, causation_id=start_env.id))
     for runner in runners:
         runner.stop(timeout=1.0)
     watchdog.stop()
@@ -107,7 +132,8 @@ def execute(config: RunConfig, *, view: str = "plain", console: Console | None =
     import json
 
     report = json.loads((run_dir / "report.json").read_text())
-    return RunOutcome(run_dir, report["status"], report)
+    abandoned = tuple(r.agent.name for r in runners if r.alive)
+    return RunOutcome(run_dir, report["status"], report, interrupted, abandoned)
 
 
 def _guard(bus: Bus, watchdog: Watchdog, runners: list[AgentRunner], config: RunConfig,

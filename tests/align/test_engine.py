@@ -104,3 +104,22 @@ def test_checkpoint_reloads_with_from_pretrained_and_resumes_state(tiny_model, t
     fresh.load_state(tmp_path / "ckpt")
     assert fresh.step_count == 1
     assert fresh.scheduler.get_last_lr() == engine.scheduler.get_last_lr()
+
+
+def test_periodic_checkpoints_are_written_and_reload(tiny_model, tiny_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    pad = tiny_tokenizer.pad_token_id
+    engine = Engine(tiny_model, TrainOptions(steps=4, lr=1e-3, checkpoint_every=2, output_dir=str(tmp_path)),
+                    tokenizer=tiny_tokenizer)
+    for _ in range(4):
+        engine.step([_rows()], _loss_fn(tiny_model, pad))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2", "step-4"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "step-4")
+    for (n, p), (_, q) in zip(tiny_model.named_parameters(), reloaded.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_checkpoint_every_without_output_dir_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="output_dir"):
+        Engine(tiny_model, TrainOptions(checkpoint_every=2))

@@ -28,7 +28,7 @@ def test_empty_response_raises_by_default_and_drops_on_request():
     assert (e.value.file, e.value.row, e.value.field, e.value.drop_reason) == ("d.jsonl", 3, "chosen",
                                                                                "empty_response")
     assert str(e.value) == ("d.jsonl: row 3, field 'chosen': expected a non-empty response, got '' (empty) "
-                            "(pass drop_empty=True to drop and count such rows instead)")
+                            "(set data_options.drop_empty: true, or pass drop_empty=True, to drop and count such rows instead)")
     result = validate(records, DataKind.PREFERENCE, "d.jsonl", drop_empty=True)
     assert result.dropped == {"empty_response": 1, "identical_pair": 1}
     assert result.dropped_rows == {"empty_response": [3], "identical_pair": [4]}
@@ -63,7 +63,7 @@ def test_unknown_kind():
     ({"prompt": "q"}, None, "completion",
      "row 3, field 'completion': expected a string or a list of messages, got nothing (the row has fields 'prompt')"),
     ({"prompt": "q", "completion": ""}, None, "completion",
-     "row 3, field 'completion': expected a non-empty response, got '' (empty) (pass drop_empty=True"),
+     "row 3, field 'completion': expected a non-empty response, got '' (empty) (set data_options.drop_empty: true"),
     ({"prompt": "q", "completion": 42}, None, "completion",
      "row 3, field 'completion': expected a string or a list of messages, got 42 (a number)"),
     ({"prompt": "q", "completion": "a", "label": "yes"}, "unpaired", "label",

@@ -30,11 +30,13 @@ def test_lora_keeps_dpo_because_the_reference_is_the_base_with_adapters_off():
     assert choice.method == "dpo" and "adapters disabled" in choice.rationale
 
 
-def test_explicit_method_wins_and_warns_on_a_kind_mismatch():
+def test_explicit_method_wins_and_a_kind_mismatch_is_refused_early():
     m = Machine(ram_bytes=24 * GIB, cuda_devices=0, gpu_bytes=0)
-    choice = select_method("verifiable", 10, 10**6, m, explicit="dpo")
-    assert choice.method == "dpo" and choice.explicit and "Warning" in choice.rationale
-    assert "Warning" not in select_method("preference", 10, 10**6, m, explicit="kto").rationale
+    choice = select_method("preference", 10, 10**6, m, explicit="ipo")
+    assert choice.method == "ipo" and choice.explicit and "explicitly" in choice.rationale
+    assert select_method("preference", 10, 10**6, m, explicit="kto").method == "kto"  # pairs are unpaired for KTO
+    with pytest.raises(ValueError, match="DPO trains on 'preference' data but this data is 'verifiable'"):
+        select_method("verifiable", 10, 10**6, m, explicit="dpo")
 
 
 def test_unknown_method_is_refused():

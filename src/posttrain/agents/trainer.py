@@ -100,11 +100,13 @@ class TrainerAgent:
             ctx.publish("train.metrics.v1", {"method": method, "step": step, "total_steps": total,
                                              "metrics": {k: float(v) for k, v in metrics.items()}})
 
+        base = self.run_dir / "checkpoints" / method
+        if cfg.train.checkpoint_every:
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"output_dir": str(base)})})
         try:
             result = run_technique(method, kind, model, tokenizer, rows, cfg, on_step)
         except ValueError as exc:  # no rows left after tokenization, bad settings: the user's to fix
             raise TaskError(str(exc)) from exc
-        base = self.run_dir / "checkpoints" / method
         extra: dict[str, Any] = {}
         if cfg.lora is not None:
             from ..models.lora import save_lora

@@ -42,7 +42,9 @@ class TrainOptions(BaseModel):
     max_length: int = Field(512, ge=8, description="max tokens of prompt + completion")
     max_prompt_length: int | None = Field(None, description="left-truncate prompts longer than this")
     seed: int = 0
-    checkpoint_every: int | None = Field(None, description="save a resumable checkpoint every N steps")
+    checkpoint_every: int | None = Field(None, ge=1, description="save a resumable checkpoint every N optimizer "
+                                                                 "steps under output_dir/step-N")
+    output_dir: str | None = Field(None, description="where periodic checkpoints go (needed by checkpoint_every)")
 
 
 @dataclass
@@ -99,10 +101,13 @@ class Engine:
     """Owns the optimizer and schedule of one model and performs optimizer steps from micro-batches."""
 
     def __init__(self, model: torch.nn.Module, options: TrainOptions,
-                 on_step: Callable[[int, dict[str, float]], None] | None = None):
+                 on_step: Callable[[int, dict[str, float]], None] | None = None, tokenizer: Any = None):
         self.model = model
         self.options = options
         self.on_step = on_step
+        self.tokenizer = tokenizer
+        if options.checkpoint_every and not options.output_dir:
+            raise ValueError("checkpoint_every needs output_dir: where should the checkpoints go?")
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
@@ -144,6 +149,9 @@ class Engine:
         for k, v in metric_sums.items():
             if metric_counts.get(k):
                 metrics[k] = v / metric_counts[k]
+        every = self.options.checkpoint_every
+        if every and self.step_count % every == 0:
+            self.save_checkpoint(Path(self.options.output_dir) / f"step-{self.step_count}", self.tokenizer)
         if self.on_step is not None:
             self.on_step(self.step_count, metrics)
         return metrics

@@ -78,7 +78,8 @@ def train_grpo(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainO
         prompts.append((ids, row["answer"]))
     G, pad = settings.num_generations, pad_id_of(tokenizer)
     reference = make_reference(model, settings.reference) if settings.beta > 0 else None
-    engine = Engine(model, options.model_copy(update={"steps": options.steps * settings.num_iterations}))
+    engine = Engine(model, options.model_copy(update={"steps": options.steps * settings.num_iterations}),
+                    tokenizer=tokenizer)
     result = TrainResult(steps=0, rows=len(prompts))
     rng = random.Random(options.seed)
     order: list[int] = []

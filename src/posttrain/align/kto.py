@@ -237,7 +237,7 @@ def train_kto(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainOp
         out.add_metric("count/undesirable", float(rejected.numel()), 1)
         return out
 
-    engine = Engine(model, options)
+    engine = Engine(model, options, tokenizer=tokenizer)
     result = TrainResult(steps=0, dropped=dropped, rows=len(examples))
     for window in feed:
         metrics = engine.step(window, loss_fn)

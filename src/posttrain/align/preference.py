@@ -177,7 +177,7 @@ def train_preference(model: Any, tokenizer: Any, rows: Sequence[dict], options: 
             out.add_metric("kl", float((logps.detach() - ref).sum()), 2 * n)
         return out
 
-    engine = Engine(model, options, on_step=on_step)
+    engine = Engine(model, options, on_step=on_step, tokenizer=tokenizer)
     result = TrainResult(steps=0, dropped=dropped, rows=len(pairs))
     feed = windows(pairs, options.batch_size, options.grad_accum, options.seed)
     for _ in range(options.steps):

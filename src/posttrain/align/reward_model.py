@@ -193,7 +193,7 @@ def train_reward_model(model_name_or_model: Any, tokenizer: Any, rows: Sequence[
         out.add_metric("rewards/mean_sq", float((s ** 2).sum()), 2 * n)  # turned into rewards/std after the step
         return out
 
-    engine = Engine(model, options)
+    engine = Engine(model, options, tokenizer=tokenizer)
     result = RewardTrainResult(steps=0, dropped=dropped, rows=len(pairs), model=model)
     feed = windows(pairs, options.batch_size, options.grad_accum, options.seed)
     for _ in range(options.steps):

@@ -73,7 +73,7 @@ def train_sft(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainOp
         raise ValueError(f"no SFT rows left to train on after tokenization (dropped: {dropped})")
     pad = pad_id_of(tokenizer)
     result = TrainResult(steps=0, dropped=dropped, rows=len(encoded))
-    engine = Engine(model, options, on_step=on_step)
+    engine = Engine(model, options, on_step=on_step, tokenizer=tokenizer)
 
     def loss_fn(micro: list[tuple[list[int], list[int]]]) -> LossOutput:
         batch = collate_masked(micro, pad)

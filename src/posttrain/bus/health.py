@@ -30,7 +30,7 @@ class HealthOptions(BaseModel):
     heartbeat_s: float = Field(1.0, gt=0, description="how often each agent beats")
     suspect_after_s: float = Field(5.0, gt=0, description="no beat for this long: suspect")
     dead_after_s: float = Field(15.0, gt=0, description="no beat for this long: unhealthy (dead)")
-    stall_after_s: float = Field(300.0, gt=0, description="busy with a frozen progress token this long: hung")
+    stall_after_s: float = Field(900.0, gt=0, description="busy with a frozen progress token this long: hung")
     check_every_s: float = Field(0.2, gt=0)
     max_attempts: int = Field(3, ge=1, description="a failing handler is tried this many times, then dead-lettered")
     retry_backoff_s: float = Field(0.2, ge=0, description="first retry delay; doubles each attempt")

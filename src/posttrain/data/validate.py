@@ -54,7 +54,7 @@ def validate(records: list[dict], kind: DataKind | str, source: str, *, drop_emp
                 continue
             if e.drop_reason == EMPTY_RESPONSE:
                 raise DataError(e.file, e.row, e.field, e.expected,
-                                f"{e.got} (pass drop_empty=True to drop and count such rows instead)",
+                                f"{e.got} (set data_options.drop_empty: true, or pass drop_empty=True, to drop and count such rows instead)",
                                 drop_reason=e.drop_reason) from None
             raise
     dropped = {reason: len(at) for reason, at in dropped_rows.items()}

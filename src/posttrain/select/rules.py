@@ -1,7 +1,7 @@
 """Method selection by rules over the data kind, the data profile and the machine, with a written rationale.
 
-Guarantees: an explicit method wins (and the rationale says it was explicit, and warns when it does not fit the
-data kind's needs); otherwise the choice follows the data kind: prompts with a verifier -> GRPO, preference pairs ->
+Guarantees: an explicit method wins (and the rationale says it was explicit); one that cannot train on the data
+kind is refused; otherwise the choice follows the data kind: prompts with a verifier -> GRPO, preference pairs ->
 DPO (SimPO when the machine cannot hold DPO's reference copy), unpaired labels -> KTO, demonstrations -> SFT. Every number in the rationale is measured (rows, parameter count, memory) or computed
 from them; nothing is invented.
 """
@@ -69,9 +69,11 @@ def select_method(kind: str, rows: int, num_params: int, machine: Machine, expli
         kinds = METHOD_KINDS.get(explicit)
         if kinds is None:
             raise ValueError(f"unknown method {explicit!r}; available: {', '.join(sorted(METHOD_KINDS))}")
-        fit = "" if kind in kinds else (f" Warning: {explicit.upper()} trains on '{kinds[0]}' data but this data "
-                                        f"is '{kind}'.")
-        return Selection(explicit, f"{explicit.upper()} was set explicitly in the configuration; {facts}.{fit}",
+        if kind not in kinds:
+            # Refuse here, before any model is loaded or evaluated, rather than at training time.
+            raise ValueError(f"{explicit.upper()} trains on {' or '.join(repr(k) for k in kinds)} data but this data "
+                             f"is '{kind}'; use a dataset of that kind, or method: auto")
+        return Selection(explicit, f"{explicit.upper()} was set explicitly in the configuration; {facts}.",
                          None, True)
     if kind == "verifiable":
         return Selection("grpo", f"GRPO: {facts}. Prompts with checkable answers let GRPO learn from the "
