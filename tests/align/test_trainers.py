@@ -142,3 +142,19 @@ def test_common_prefix_moves_into_the_prompt_for_length_normalised_losses(tiny_t
         assert b.chosen.prompt_ids == b.rejected.prompt_ids
         assert b.chosen.completion_ids[0] != b.rejected.completion_ids[0]
         assert len(b.chosen.completion_ids) >= 1 and len(b.rejected.completion_ids) >= 1
+
+
+@pytest.mark.parametrize("method", ["dpo", "simpo", "orpo"])
+def test_preference_ga1_and_ga2_give_the_same_loss_and_gradient_norm(method, tiny_tokenizer, items, make_llama):
+    from posttrain.align.preference import PreferenceSettings, train_preference
+
+    rows = arithmetic.preference_rows(items[:16], seed=0)
+    runs = []
+    for batch, accum in ((4, 1), (2, 2), (1, 4)):
+        result = train_preference(make_llama(), tiny_tokenizer, rows,
+                                  TrainOptions(steps=1, batch_size=batch, grad_accum=accum, lr=1e-3),
+                                  PreferenceSettings(method=method))
+        runs.append(result.history[0])
+    for other in runs[1:]:
+        assert other["loss"] == pytest.approx(runs[0]["loss"], abs=1e-5)
+        assert other["grad_norm"] == pytest.approx(runs[0]["grad_norm"], rel=1e-4)
