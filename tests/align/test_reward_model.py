@@ -120,3 +120,21 @@ def test_causal_checkpoint_becomes_a_reward_model_that_saves_and_reloads(tmp_pat
     assert score_sequences(reloaded, tiny_tokenizer, rows, batch_size=2).tolist() == pytest.approx(
         score_sequences(result.model, tiny_tokenizer, rows).tolist(), abs=1e-5)
     assert reloaded.config.pad_token_id == tiny_tokenizer.pad_token_id
+
+
+def test_shared_prompt_pair_scores_equal_scoring_each_sequence(tiny_tokenizer, make_llama):
+    from posttrain.align.preference import collate_pairs, encode_pairs
+    from posttrain.align.reward_model import load_reward_model, pair_scores, sequence_scores
+    from posttrain.align.engine import TrainOptions
+    from posttrain.tasks import arithmetic
+
+    model = load_reward_model(make_llama()).train()
+    train, _ = arithmetic.make_splits(seed=0, n_train=8, n_test=2)
+    pairs, _ = encode_pairs(tiny_tokenizer, arithmetic.preference_rows(train, seed=0), TrainOptions())
+    pad = tiny_tokenizer.pad_token_id
+    shared = pair_scores(model, pairs, pad)
+    plain = sequence_scores(model, collate_pairs(pairs, pad))
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad(shared.sum(), params), torch.autograd.grad(plain.sum(), params)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

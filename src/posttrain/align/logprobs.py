@@ -8,6 +8,8 @@ is materialised for fp32 (gather minus logsumexp).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..data.collate import CompletionBatch
@@ -131,15 +133,26 @@ def shared_prompt_logprobs(model: torch.nn.Module, prompts: list[list[int]], com
     return fast
 
 
-def _shared_prompt(parts: tuple[torch.nn.Module, torch.nn.Module], model: torch.nn.Module, prompts: list[list[int]],
-                   completions: list[list[list[int]]], k: int, pad_id: int,
-                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    decoder, head = parts
-    device = next(model.parameters()).device
+@dataclass
+class SharedPromptHidden:
+    """Decoder states when K completions share each prompt (rows prompt-major: p0c0, p0c1, ..., p1c0, ...)."""
+
+    prompt_last: torch.Tensor  # [N*K, H] the prompt's last hidden state (it predicts a completion's first token)
+    hidden: torch.Tensor       # [N*K, C, H] the completion tokens' hidden states
+    ids: torch.Tensor          # [N*K, C] completion ids, right-padded
+    mask: torch.Tensor         # [N*K, C] 1 on real completion tokens
+
+
+def shared_prompt_hidden(decoder: torch.nn.Module, prompts: list[list[int]], completions: list[list[list[int]]],
+                         pad_id: int) -> SharedPromptHidden:
+    """Run each prompt once (left-padded, so all end at the last column), repeat its keys and values for its K
+    completions, and run the completions (right-padded) on top, positions continuing from each prompt's length."""
+    k = len(completions[0])
+    device = next(decoder.parameters()).device
     n, width = len(prompts), max(len(p) for p in prompts)
     prompt_ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
     prompt_mask = torch.zeros((n, width), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):  # left-padded: every prompt ends at the last column
+    for i, p in enumerate(prompts):
         prompt_ids[i, width - len(p):] = torch.tensor(p, device=device)
         prompt_mask[i, width - len(p):] = 1
     prompt_pos = (prompt_mask.cumsum(1) - 1).clamp(min=0)
@@ -147,7 +160,7 @@ def _shared_prompt(parts: tuple[torch.nn.Module, torch.nn.Module], model: torch.
     cache = _cache_of(out)
     if k > 1:
         cache.batch_repeat_interleave(k)
-    last = out.last_hidden_state[:, -1].repeat_interleave(k, dim=0)  # predicts each completion's first token
+    last = out.last_hidden_state[:, -1].repeat_interleave(k, dim=0)
     flat = [c for cs in completions for c in cs]
     c_width = max(len(c) for c in flat)
     comp_ids = torch.full((n * k, c_width), pad_id, dtype=torch.long, device=device)
@@ -160,14 +173,22 @@ def _shared_prompt(parts: tuple[torch.nn.Module, torch.nn.Module], model: torch.
     full_mask = torch.cat([prompt_mask.repeat_interleave(k, dim=0), comp_mask], dim=1)
     hidden = decoder(input_ids=comp_ids, attention_mask=full_mask, position_ids=comp_pos, use_cache=True,
                      **{_cache_kwarg(decoder): cache}).last_hidden_state
-    predictors = torch.cat([last[:, None], hidden[:, :-1]], dim=1)
-    mask = comp_mask.bool()
+    return SharedPromptHidden(last, hidden, comp_ids, comp_mask)
+
+
+def _shared_prompt(parts: tuple[torch.nn.Module, torch.nn.Module], model: torch.nn.Module, prompts: list[list[int]],
+                   completions: list[list[list[int]]], k: int, pad_id: int,
+                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    decoder, head = parts
+    states = shared_prompt_hidden(decoder, prompts, completions, pad_id)
+    predictors = torch.cat([states.prompt_last[:, None], states.hidden[:, :-1]], dim=1)
+    mask = states.mask.bool()
     logits = head(predictors[mask])
     if temperature != 1.0:
         logits = logits / temperature
-    picked = selective_log_softmax(logits, comp_ids[mask])
-    per_token = torch.zeros(mask.shape, dtype=picked.dtype, device=device).masked_scatter(mask, picked)
-    return per_token.sum(-1), comp_mask.sum(-1).to(per_token.dtype)
+    picked = selective_log_softmax(logits, states.ids[mask])
+    per_token = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
+    return per_token.sum(-1), states.mask.sum(-1).to(per_token.dtype)
 
 
 def _cache_kwarg(decoder: torch.nn.Module) -> str:

@@ -29,6 +29,7 @@ from ..data.tokenize import encode_completion
 from ..models.loading import resolve_model_path
 from .batching import windows
 from .engine import Engine, LossOutput, TrainOptions, set_seed
+from .logprobs import shared_prompt_hidden
 from .losses import bradley_terry_loss
 from .preference import EncodedPair, collate_pairs, encode_pairs
 from .sft import TrainResult, pad_id_of
@@ -111,6 +112,33 @@ def sequence_scores(model: Any, batch: CompletionBatch) -> torch.Tensor:
     return head(picked).squeeze(-1).float()
 
 
+# Whether the shared-prompt path reproduces `sequence_scores`, per model class (checked once, on real inputs).
+_SHARED_OK: dict[type, bool] = {}
+
+
+def pair_scores(model: Any, pairs: Sequence[EncodedPair], pad: int) -> torch.Tensor:
+    """[2B] rewards, chosen rows first: each pair's prompt runs once and both completions run on its cached keys
+    and values; each score is read at the completion's last real token. Checked against `sequence_scores` on the
+    first batch of each model class, with a fallback to it."""
+    key = type(model)
+    if _SHARED_OK.get(key) is False:
+        return sequence_scores(model, collate_pairs(pairs, pad))
+    head = _score_head(model)
+    states = shared_prompt_hidden(model.base_model, [p.chosen.prompt_ids for p in pairs],
+                                  [[p.chosen.completion_ids, p.rejected.completion_ids] for p in pairs], pad)
+    last = states.mask.sum(1) - 1
+    picked = states.hidden[torch.arange(states.hidden.shape[0], device=last.device), last]
+    scores = head(picked).squeeze(-1).float()
+    scores = scores.view(-1, 2).T.reshape(-1)  # (c0, r0, c1, r1, ...) -> (c0, c1, ..., r0, r1, ...)
+    if key not in _SHARED_OK:
+        with torch.no_grad():
+            plain = sequence_scores(model, collate_pairs(pairs, pad))
+        _SHARED_OK[key] = bool(torch.allclose(scores.detach(), plain, atol=1e-4, rtol=1e-4))
+        if not _SHARED_OK[key]:
+            return sequence_scores(model, collate_pairs(pairs, pad))
+    return scores
+
+
 @torch.no_grad()
 def score_sequences(model: Any, tokenizer: Any, rows: Sequence[dict], *, batch_size: int = 16,
                     max_length: int | None = None, max_prompt_length: int | None = None) -> torch.Tensor:
@@ -178,7 +206,7 @@ def train_reward_model(model_name_or_model: Any, tokenizer: Any, rows: Sequence[
 
     def loss_fn(micro: list[EncodedPair]) -> LossOutput:
         n = len(micro)
-        scores = sequence_scores(model, collate_pairs(micro, pad))
+        scores = pair_scores(model, micro, pad)
         chosen, rejected = scores[:n], scores[n:]
         margin = (torch.tensor([margins[p.index] for p in micro], dtype=scores.dtype)
                   if settings.margin_field is not None else None)
