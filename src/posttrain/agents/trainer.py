@@ -15,7 +15,8 @@ from typing import Any, Callable
 from ..align.engine import save_pretrained
 from ..align.grpo import GRPOSettings, train_grpo
 from ..align.preference import PreferenceSettings, train_preference
-from ..align.sft import TrainResult, train_sft
+from ..align.engine import TrainResult
+from ..align.sft import train_sft
 from ..bus.envelope import Envelope
 from ..config import RunConfig
 from ..models.loading import load_model, load_tokenizer, weights_size_bytes

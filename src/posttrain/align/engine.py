@@ -17,7 +17,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -45,6 +45,18 @@ class TrainOptions(BaseModel):
     checkpoint_every: int | None = Field(None, ge=1, description="save a resumable checkpoint every N optimizer "
                                                                  "steps under output_dir/step-N")
     output_dir: str | None = Field(None, description="where periodic checkpoints go (needed by checkpoint_every)")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+    rows: int = 0
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
 
 
 @dataclass
@@ -100,11 +112,9 @@ def _fused_ok(params: list[torch.nn.Parameter]) -> bool:
 class Engine:
     """Owns the optimizer and schedule of one model and performs optimizer steps from micro-batches."""
 
-    def __init__(self, model: torch.nn.Module, options: TrainOptions,
-                 on_step: Callable[[int, dict[str, float]], None] | None = None, tokenizer: Any = None):
+    def __init__(self, model: torch.nn.Module, options: TrainOptions, tokenizer: Any = None):
         self.model = model
         self.options = options
-        self.on_step = on_step
         self.tokenizer = tokenizer
         if options.checkpoint_every and not options.output_dir:
             raise ValueError("checkpoint_every needs output_dir: where should the checkpoints go?")
@@ -152,8 +162,6 @@ class Engine:
         every = self.options.checkpoint_every
         if every and self.step_count % every == 0:
             self.save_checkpoint(Path(self.options.output_dir) / f"step-{self.step_count}", self.tokenizer)
-        if self.on_step is not None:
-            self.on_step(self.step_count, metrics)
         return metrics
 
     # -- checkpoints -------------------------------------------------------------------------------------------
@@ -173,6 +181,24 @@ class Engine:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
+
+
+def train_loop(engine: "Engine", feed: Iterator[Any], loss_fn: Callable[[Any], LossOutput], steps: int,
+               result: TrainResult, on_step: Callable[[int, dict[str, float]], None] | None = None,
+               finish: Callable[[dict[str, float], Any], None] | None = None) -> TrainResult:
+    """`steps` optimizer steps over windows from `feed`; `finish(metrics, window)` may complete a step's metrics
+    (e.g. a std from summed squares) before they are recorded and reported to `on_step`."""
+    for _ in range(steps):
+        window = next(feed)
+        metrics = engine.step(window, loss_fn)
+        if finish is not None:
+            finish(metrics, window)
+        result.history.append(metrics)
+        if on_step is not None:
+            on_step(engine.step_count, metrics)
+    result.steps = engine.step_count
+    engine.model.eval()
+    return result
 
 
 def save_pretrained(model: torch.nn.Module, tokenizer: Any, directory: str | Path) -> Path:

@@ -24,11 +24,11 @@ import torch
 from ..data.collate import collate_completions
 from ..data.tokenize import encode_prompt
 from ..rollout.generate import generate
-from .engine import Engine, LossOutput, TrainOptions, set_seed
+from .engine import Engine, LossOutput, TrainOptions, TrainResult, set_seed
 from .logprobs import completion_mask, token_logprobs
 from .losses import group_advantages, grpo_token_loss
 from .reference import make_reference
-from .sft import TrainResult, pad_id_of
+from .sft import pad_id_of
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 

@@ -28,11 +28,11 @@ import torch
 from ..data.collate import CompletionBatch, collate_completions
 from ..data.tokenize import EncodedCompletion, encode_completion
 from .batching import cycle_batches
-from .engine import Engine, LossOutput, TrainOptions, set_seed
+from .engine import Engine, LossOutput, TrainOptions, TrainResult, set_seed, train_loop
 from .logprobs import shared_prompt_logprobs
 from .losses import kto_kl_baseline, kto_loss
 from .reference import ReferenceMode, make_reference, run_frozen
-from .sft import TrainResult, pad_id_of
+from .sft import pad_id_of
 
 
 @dataclass
@@ -239,13 +239,9 @@ def train_kto(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainOp
 
     engine = Engine(model, options, tokenizer=tokenizer)
     result = TrainResult(steps=0, dropped=dropped, rows=len(examples))
-    for window in feed:
-        metrics = engine.step(window, loss_fn)
+
+    def finish(metrics: dict[str, float], window: list) -> None:
         for key in ("count/desirable", "count/undesirable"):
             metrics[key] = float(round(metrics[key] * len(window)))
-        result.history.append(metrics)
-        if on_step is not None:
-            on_step(engine.step_count, metrics)
-    result.steps = engine.step_count
-    model.eval()
-    return result
+
+    return train_loop(engine, feed, loss_fn, options.steps, result, on_step, finish)

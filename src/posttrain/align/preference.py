@@ -22,11 +22,11 @@ import torch
 from ..data.collate import CompletionBatch, collate_completions
 from ..data.tokenize import EncodedCompletion, encode_completion, encode_prompt
 from .batching import windows
-from .engine import Engine, LossOutput, TrainOptions, set_seed
+from .engine import Engine, LossOutput, TrainOptions, TrainResult, set_seed, train_loop
 from .logprobs import shared_prompt_logprobs
 from .losses import dpo_loss, ipo_loss, orpo_odds_ratio, simpo_loss
 from .reference import ReferenceMode, make_reference, run_frozen
-from .sft import TrainResult, pad_id_of
+from .sft import pad_id_of
 
 PreferenceMethod = Literal["dpo", "ipo", "simpo", "orpo"]
 NEEDS_REFERENCE = {"dpo": True, "ipo": True, "simpo": False, "orpo": False}
@@ -177,14 +177,10 @@ def train_preference(model: Any, tokenizer: Any, rows: Sequence[dict], options: 
             out.add_metric("kl", float((logps.detach() - ref).sum()), 2 * n)
         return out
 
-    engine = Engine(model, options, on_step=on_step, tokenizer=tokenizer)
+    engine = Engine(model, options, tokenizer=tokenizer)
     result = TrainResult(steps=0, dropped=dropped, rows=len(pairs))
     feed = windows(pairs, options.batch_size, options.grad_accum, options.seed)
-    for _ in range(options.steps):
-        result.history.append(engine.step(next(feed), loss_fn))
-    result.steps = engine.step_count
-    model.eval()
-    return result
+    return train_loop(engine, feed, loss_fn, options.steps, result, on_step)
 
 
 def train_dpo(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainOptions, *, beta: float = 0.1,

@@ -28,11 +28,11 @@ from ..data.collate import CompletionBatch, collate_completions
 from ..data.tokenize import encode_completion
 from ..models.loading import resolve_model_path
 from .batching import windows
-from .engine import Engine, LossOutput, TrainOptions, set_seed
+from .engine import Engine, LossOutput, TrainOptions, TrainResult, set_seed, train_loop
 from .logprobs import shared_prompt_hidden
 from .losses import bradley_terry_loss
 from .preference import EncodedPair, collate_pairs, encode_pairs
-from .sft import TrainResult, pad_id_of
+from .sft import pad_id_of
 
 
 @dataclass
@@ -224,13 +224,10 @@ def train_reward_model(model_name_or_model: Any, tokenizer: Any, rows: Sequence[
     engine = Engine(model, options, tokenizer=tokenizer)
     result = RewardTrainResult(steps=0, dropped=dropped, rows=len(pairs), model=model)
     feed = windows(pairs, options.batch_size, options.grad_accum, options.seed)
-    for _ in range(options.steps):
-        metrics = engine.step(next(feed), loss_fn)
+
+    def finish(metrics: dict[str, float], window: list) -> None:
         mean_sq = metrics.pop("rewards/mean_sq")
         metrics["rewards/std"] = math.sqrt(max(mean_sq - metrics["rewards/mean"] ** 2, 0.0))
-        result.history.append(metrics)
-        if on_step is not None:
-            on_step(engine.step_count, metrics)
-    result.steps = engine.step_count
-    model.eval()
+
+    train_loop(engine, feed, loss_fn, options.steps, result, on_step, finish)
     return result

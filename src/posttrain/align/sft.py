@@ -8,30 +8,17 @@ emptied by truncation are dropped and counted before training.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
 from ..data.collate import collate_masked
 from ..data.tokenize import encode_completion, encode_conversation
 from .batching import windows
-from .engine import Engine, LossOutput, TrainOptions, set_seed
+from .engine import Engine, LossOutput, TrainOptions, TrainResult, set_seed, train_loop
 from .logprobs import completion_mask, token_logprobs
 from .losses import nll_sum
 
 
 SFTLossOn = Literal["completion", "assistant_turns"]
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    history: list[dict[str, float]] = field(default_factory=list)
-    dropped: dict[str, int] = field(default_factory=dict)
-    rows: int = 0
-
-    @property
-    def final(self) -> dict[str, float]:
-        return self.history[-1] if self.history else {}
 
 
 def encode_sft_rows(tokenizer: Any, rows: Sequence[dict], options: TrainOptions,
@@ -73,7 +60,7 @@ def train_sft(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainOp
         raise ValueError(f"no SFT rows left to train on after tokenization (dropped: {dropped})")
     pad = pad_id_of(tokenizer)
     result = TrainResult(steps=0, dropped=dropped, rows=len(encoded))
-    engine = Engine(model, options, on_step=on_step, tokenizer=tokenizer)
+    engine = Engine(model, options, tokenizer=tokenizer)
 
     def loss_fn(micro: list[tuple[list[int], list[int]]]) -> LossOutput:
         batch = collate_masked(micro, pad)
@@ -85,8 +72,4 @@ def train_sft(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainOp
         return out
 
     feed = windows(encoded, options.batch_size, options.grad_accum, options.seed)
-    for _ in range(options.steps):
-        result.history.append(engine.step(next(feed), loss_fn))
-    result.steps = engine.step_count
-    model.eval()
-    return result
+    return train_loop(engine, feed, loss_fn, options.steps, result, on_step)
