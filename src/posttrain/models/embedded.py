@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 # Bump whenever anything below (or the task's templates, or the tokenizer builder) changes the built model.
-VERSION = "arith-v1"
+VERSION = "arith-v2"
 MANIFEST = "embedded.json"
 
 # The data agent draws the demo's task with make_splits(seed=0) and its default test size; keep these equal so
