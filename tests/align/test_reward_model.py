@@ -138,3 +138,24 @@ def test_shared_prompt_pair_scores_equal_scoring_each_sequence(tiny_tokenizer, m
     params = [p for p in model.parameters() if p.requires_grad]
     for a, b in zip(torch.autograd.grad(shared.sum(), params), torch.autograd.grad(plain.sum(), params)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_reward_model_trains_adapters_and_head_and_merges(tiny_tokenizer, make_llama, tmp_path):
+    from posttrain.align.reward_model import load_reward_model, score_sequences
+    from posttrain.models.lora import LoraOptions, apply_lora, save_lora
+    from posttrain.tasks import arithmetic
+
+    model = apply_lora(load_reward_model(make_llama()), LoraOptions(r=4, alpha=8))
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert any("score" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    train, _ = arithmetic.make_splits(seed=0, n_train=16, n_test=2)
+    rows = arithmetic.preference_rows(train, seed=0)
+    result = train_reward_model(model, tiny_tokenizer, rows, TrainOptions(steps=2, batch_size=4, lr=1e-2))
+    assert all(not torch.equal(trainable[n], p) for n, p in model.named_parameters() if p.requires_grad)
+    assert all(torch.equal(frozen[n], p) for n, p in model.named_parameters() if not p.requires_grad)
+    _, merged = save_lora(result.model, tiny_tokenizer, tmp_path)
+    reloaded = load_reward_model(str(merged))
+    singles = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows[:4]]
+    torch.testing.assert_close(score_sequences(reloaded, tiny_tokenizer, singles),
+                               score_sequences(result.model, tiny_tokenizer, singles), atol=1e-5, rtol=1e-5)

@@ -73,8 +73,6 @@ class TrainerAgent:
         if method == "rm":
             from ..align.reward_model import load_reward_model
 
-            if cfg.lora is not None:
-                raise TaskError("LoRA for reward models is not supported yet; train the reward model in full")
             return load_reward_model(ref)
         return load_model(ref, trust_remote_code=cfg.trust_remote_code)
 

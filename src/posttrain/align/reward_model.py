@@ -49,6 +49,12 @@ class RewardTrainResult(TrainResult):
     model: Any = None  # the trained reward model (a new object when a path or a causal LM was passed)
 
 
+def _backbone(model: Any) -> torch.nn.Module:
+    """The transformer under the score head (through a peft wrapper, whose own `base_model` is the adapter layer)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.base_model
+
+
 def _score_head(model: Any) -> torch.nn.Module:
     head = getattr(model, "score", None)
     # Any linear-like head with `out_features` (nn.Linear, or a quantized linear such as compress.int8.Int8Linear).
@@ -103,7 +109,7 @@ def last_real_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 def sequence_scores(model: Any, batch: CompletionBatch) -> torch.Tensor:
     """[B] scalar rewards, each read at its row's last real token (see the module guarantees)."""
     head = _score_head(model)
-    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+    hidden = _backbone(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                               position_ids=batch.position_ids, use_cache=False).last_hidden_state
     last = last_real_token_index(batch.attention_mask)
     # The head acts on each position independently, so gathering the hidden state first gives the same score as
@@ -124,7 +130,7 @@ def pair_scores(model: Any, pairs: Sequence[EncodedPair], pad: int) -> torch.Ten
     if _SHARED_OK.get(key) is False:
         return sequence_scores(model, collate_pairs(pairs, pad))
     head = _score_head(model)
-    states = shared_prompt_hidden(model.base_model, [p.chosen.prompt_ids for p in pairs],
+    states = shared_prompt_hidden(_backbone(model), [p.chosen.prompt_ids for p in pairs],
                                   [[p.chosen.completion_ids, p.rejected.completion_ids] for p in pairs], pad)
     last = states.mask.sum(1) - 1
     picked = states.hidden[torch.arange(states.hidden.shape[0], device=last.device), last]

@@ -49,8 +49,11 @@ def apply_lora(model: torch.nn.Module, options: LoraOptions | None = None) -> An
     if isinstance(model, PeftModel):
         raise ValueError("the model already carries a peft adapter; apply_lora expects a plain causal LM")
     options = options or LoraOptions()
-    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=options.r, lora_alpha=options.alpha,
-                        lora_dropout=options.dropout, target_modules=options.target_modules)
+    # A reward model (sequence classification) trains its fresh `score` head in full next to the adapters.
+    reward = callable(getattr(model, "score", None)) and not hasattr(model, "lm_head")
+    config = LoraConfig(task_type=TaskType.SEQ_CLS if reward else TaskType.CAUSAL_LM, r=options.r,
+                        lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=options.target_modules,
+                        modules_to_save=["score"] if reward else None)
     return get_peft_model(model, config)
 
 
