@@ -40,3 +40,15 @@ def test_packaged_demo_config_is_valid():
 
     cfg = load_config(_demo_config_path())
     assert cfg.model == "embedded" and cfg.data is None and cfg.method == "auto"
+
+
+def test_device_resolution():
+    import torch
+
+    from posttrain.models.loading import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")

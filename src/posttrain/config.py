@@ -129,6 +129,7 @@ class RunConfig(_Strict):
     runs_dir: str = "runs"
     run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
                                  description="prefix of the run id (letters, digits, '.', '_', '-')")
+    device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'")
     trust_remote_code: bool = Field(False, description="execute model code from the hub (off: never by default)")
     run_timeout_s: float = Field(3600.0, gt=0, description="the run fails with a clear reason past this")
     task_timeout_s: float = Field(1800.0, gt=0, description="a stage task fails past this deadline")

@@ -17,7 +17,7 @@ from ..config import RunConfig
 from ..evaluate.exact_match import evaluate_exact_match
 from ..evaluate.pairwise import evaluate_pairwise
 from ..evaluate.token_accuracy import evaluate_token_accuracy
-from ..models.loading import is_reward_model, load_model, load_tokenizer, resolve_model_path
+from ..models.loading import is_reward_model, load_model, load_tokenizer, resolve_device, resolve_model_path
 from ._io import read_jsonl
 from .runtime import AgentContext
 
@@ -69,6 +69,7 @@ class EvaluatorAgent:
                 continue
             ctx.progress(stage, 0, len(rows), f"loading {name}")
             model, tokenizer = self._load(ref)
+            model.to(resolve_device(self.config.device))
             samples = self.run_dir / "artifacts" / "eval" / f"{name}.jsonl"
 
             def progress(done: int, total: int, _name: str = name) -> None:

@@ -19,7 +19,7 @@ from ..align.engine import TrainResult
 from ..align.sft import train_sft
 from ..bus.envelope import Envelope
 from ..config import RunConfig
-from ..models.loading import load_model, load_tokenizer, weights_size_bytes
+from ..models.loading import load_model, load_tokenizer, resolve_device, weights_size_bytes
 from ..rewards.verifiable import hash_answer_reward
 from ..select.rules import METHOD_KINDS
 from ._io import read_jsonl
@@ -86,7 +86,7 @@ class TrainerAgent:
                             f"but the data is '{kind}'")
         total = cfg.train.steps * (cfg.grpo.num_iterations if method == "grpo" else 1)
         ctx.progress("train", 0, total, "loading model")
-        model = self._load(method, p["model"])
+        model = self._load(method, p["model"]).to(resolve_device(cfg.device))
         tokenizer = load_tokenizer(p["model"], trust_remote_code=cfg.trust_remote_code)
         if cfg.lora is not None:
             from ..models.lora import LoraOptions, apply_lora

@@ -92,7 +92,7 @@ def train_grpo(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainO
         old = torch.stack([_fit(s.old_logps, width) for s in micro]) if micro[0].old_logps is not None \
             else logps.detach()
         ref = torch.stack([_fit(s.ref_logps, width) for s in micro]) if reference is not None else None
-        adv = torch.tensor([s.advantage for s in micro], dtype=logps.dtype)
+        adv = torch.tensor([s.advantage for s in micro], dtype=logps.dtype, device=logps.device)
         per_token, info = grpo_token_loss(logps, old, adv, epsilon_low=settings.epsilon_low,
                                           epsilon_high=settings.epsilon_high, beta=settings.beta, ref_logps=ref)
         tokens = mask.sum()

@@ -220,7 +220,7 @@ def train_kto(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainOp
         else:
             ref, kl_ref = micro.ref, micro.kl_ref
         z0 = kto_kl_baseline(kl_logps, kl_ref)
-        labels = torch.tensor([e.label for e in micro.examples], dtype=torch.bool)
+        labels = torch.tensor([e.label for e in micro.examples], dtype=torch.bool, device=logps.device)
         losses, rewards = kto_loss(logps, ref, labels, z0, settings.beta, settings.desirable_weight,
                                    settings.undesirable_weight)
         out = LossOutput(losses.sum(), float(n))

@@ -26,7 +26,12 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     return torch.stack(rows)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _full_token_logprobs(model: torch.nn.Module, batch: CompletionBatch, temperature: float) -> torch.Tensor:
+    batch = batch.to(model_device(model))
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids, use_cache=False)
     logits = out.logits[:, :-1, :]
@@ -50,6 +55,7 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
 def _selected_token_logprobs(parts: tuple[torch.nn.Module, torch.nn.Module], batch: CompletionBatch,
                              temperature: float) -> torch.Tensor:
     decoder, head = parts
+    batch = batch.to(model_device(decoder))
     hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                      position_ids=batch.position_ids, use_cache=False).last_hidden_state[:, :-1]
     mask = batch.completion_mask[:, 1:].bool()

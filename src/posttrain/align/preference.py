@@ -163,7 +163,7 @@ def train_preference(model: Any, tokenizer: Any, rows: Sequence[dict], options: 
             ref = ref_model.run(lambda m: pair_logprobs(m, micro, pad)[0])
         elif ref_cache:
             ref = torch.tensor([ref_cache[p.index][0] for p in micro] + [ref_cache[p.index][1] for p in micro],
-                               dtype=logps.dtype)
+                               dtype=logps.dtype, device=logps.device)
         losses, r_c, r_r = pair_losses(method, settings, logps, counts, ref)
         out = LossOutput(losses.sum(), float(n))
         out.add_metric("rewards/chosen", float(r_c.sum()), n)

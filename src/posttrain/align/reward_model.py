@@ -109,6 +109,7 @@ def last_real_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 def sequence_scores(model: Any, batch: CompletionBatch) -> torch.Tensor:
     """[B] scalar rewards, each read at its row's last real token (see the module guarantees)."""
     head = _score_head(model)
+    batch = batch.to(next(model.parameters()).device)
     hidden = _backbone(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                               position_ids=batch.position_ids, use_cache=False).last_hidden_state
     last = last_real_token_index(batch.attention_mask)
@@ -214,7 +215,7 @@ def train_reward_model(model_name_or_model: Any, tokenizer: Any, rows: Sequence[
         n = len(micro)
         scores = pair_scores(model, micro, pad)
         chosen, rejected = scores[:n], scores[n:]
-        margin = (torch.tensor([margins[p.index] for p in micro], dtype=scores.dtype)
+        margin = (torch.tensor([margins[p.index] for p in micro], dtype=scores.dtype, device=scores.device)
                   if settings.margin_field is not None else None)
         losses = bradley_terry_loss(chosen, rejected, margin, settings.center_coefficient)
         out = LossOutput(losses.sum(), float(n))

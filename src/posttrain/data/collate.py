@@ -23,6 +23,12 @@ class CompletionBatch:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def to(self, device: torch.device | str) -> "CompletionBatch":
+        if self.input_ids.device == torch.device(device):
+            return self
+        return CompletionBatch(self.input_ids.to(device), self.attention_mask.to(device),
+                               self.completion_mask.to(device), self.position_ids.to(device))
+
 
 def collate_masked(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
                    padding_side: Literal["right", "left"] = "right") -> CompletionBatch:

@@ -41,7 +41,7 @@ def evaluate_token_accuracy(model: Any, tokenizer: Any, rows: Sequence[dict], *,
     records, correct, total = [], 0, 0
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
-        batch = collate_masked(chunk, pad)
+        batch = collate_masked(chunk, pad).to(next(model.parameters()).device)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids).logits[:, :-1]
         hits = (logits.argmax(-1) == batch.input_ids[:, 1:]) & (batch.completion_mask[:, 1:] == 1)

@@ -25,6 +25,15 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when a CUDA device is present, else 'cpu'; anything else is checked and returned."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but torch sees no CUDA device")
+    return device
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
