@@ -5,6 +5,7 @@
     posttrain show RUN            a past run's timeline, from its event log
     posttrain watch RUN           follow a (running) run's live view from its event log
     posttrain runs                the runs under --runs-dir
+    posttrain eval --model M --benchmarks mmlu,gsm8k,... --data-dir DIR [--limit N] [--output FILE.json]
     posttrain embedded build [--force]   (re)build the cached embedded model
 
 Contract: `demo` and `run` print the run directory's path as the last line of stdout; their exit status is 0 when
@@ -107,6 +108,47 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluate.harness import run_benchmarks
+    from .models.loading import load_model, load_tokenizer, resolve_device
+
+    names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
+    options: dict = {"allow_code_execution": args.allow_code_execution}
+    if args.judge:
+        options["judge"] = args.judge
+    if args.judge_base_url:
+        options["judge_base_url"] = args.judge_base_url
+    if args.num_fewshot is not None:
+        options["num_fewshot"] = args.num_fewshot
+    if args.chat_template:
+        options["chat_template"] = True
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, trust_remote_code=args.trust_remote_code).to(resolve_device(args.device))
+    output = Path(args.output)
+    samples = output.with_name(output.stem + ".samples.jsonl")
+    console = Console(stderr=True)
+
+    def progress(name: str, done: int, total: int) -> None:
+        if not args.quiet:
+            console.print(f"[{name}] {done}/{total}", highlight=False)
+
+    result = run_benchmarks(model, tokenizer, names, data_dir=args.data_dir, limit=args.limit, seed=args.seed,
+                            batch_size=args.batch_size, options=options, samples_path=samples,
+                            model_name=args.model, progress=progress)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2))
+    for name, metrics in result["results"].items():
+        for metric, m in metrics.items():
+            ci = (f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m["ci_low"] is not None else "")
+            print(f"{name:<16} {metric:<24} {m['value']:.4f}  n={m['n']}{ci}")
+    for name, reason in result["skipped"].items():
+        print(f"{name:<16} skipped: {reason}")
+    print(output, flush=True)
+    return 0
+
+
 def _cmd_embedded(args: argparse.Namespace) -> int:
     from .models.embedded import embedded_model_dir
 
@@ -134,6 +176,26 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--quiet", action="store_true")
             p.add_argument("--plain", action="store_true")
             p.add_argument("--timeout", type=float, default=None, help="stop watching after this many seconds")
+    p = sub.add_parser("eval", help="score a model on standard benchmarks (lm-eval / FastChat methodology)")
+    p.add_argument("--model", required=True, help="'embedded', a local HF directory or a hub id")
+    p.add_argument("--benchmarks", required=True,
+                   help="comma-separated: mmlu,arc_easy,arc_challenge,gsm8k,truthfulqa_mc1,truthfulqa_mc2,humaneval,"
+                        "mt_bench")
+    p.add_argument("--data-dir", default=None, help="a folder laid out like ../shared/datasets (default: the HF hub)")
+    p.add_argument("--limit", type=int, default=None, help="a seeded random subset of this many items per benchmark")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--output", default="eval_results.json", help="JSON results; samples go next to it")
+    p.add_argument("--num-fewshot", type=int, default=None, help="override the benchmark's standard shot count")
+    p.add_argument("--chat-template", action="store_true", help="render prompts through the model's chat template")
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="HumanEval: run model-written code (sandboxed child processes); off by default")
+    p.add_argument("--judge", default=None, help="MT-Bench judge: self | local:PATH | openai:MODEL")
+    p.add_argument("--judge-base-url", default=None, help="OpenAI-compatible endpoint for --judge openai:MODEL "
+                                                          "(key from $OPENAI_API_KEY)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--quiet", action="store_true")
     p = sub.add_parser("runs", help="list runs")
     p.add_argument("--runs-dir", default="runs")
     p = sub.add_parser("embedded", help="the embedded default model")
@@ -175,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_watch(args)
         if args.command == "runs":
             return _cmd_runs(args)
+        if args.command == "eval":
+            return _cmd_eval(args)
         return _cmd_embedded(args)
     except (FileNotFoundError, ValueError, sqlite3.Error) as exc:
         print(f"posttrain: {exc}", file=sys.stderr)
