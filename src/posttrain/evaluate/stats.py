@@ -21,7 +21,10 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float | N
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # Exact at the ends: the bound is 0 (or 1) when none (or all) succeeded; floating point leaves ~1e-17 otherwise.
+    lo = 0.0 if successes <= 0 else max(0.0, centre - half)
+    hi = 1.0 if successes >= n else min(1.0, centre + half)
+    return lo, hi
 
 
 def mean_interval(values: Sequence[float], low: float | None = None, high: float | None = None,
