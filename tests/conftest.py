@@ -16,6 +16,16 @@ ORACLE = SHARED / "oracle"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA device: skip them, saying so, when there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none is present")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is not available on this machine")

@@ -43,7 +43,8 @@ class DataOptions(_Strict):
 
 ReferenceModeName = Literal["copy", "precompute", "adapter_disabled", "adapter_copy", "auto"]
 REFERENCE_HELP = ("copy: a frozen copy; precompute: log-probs of the initial policy computed once; adapter_disabled: "
-                  "the LoRA base with adapters off; adapter_copy: a frozen copy of an existing adapter; auto: pick")
+                  "the LoRA base with adapters off; adapter_copy: a frozen copy of an existing adapter; auto: adapters "
+                  "off for a fresh LoRA adapter, an adapter copy for a trained one, a frozen copy of a plain model")
 
 
 class SFTOptions(_Strict):
@@ -54,12 +55,12 @@ class SFTOptions(_Strict):
 class DPOOptions(_Strict):
     beta: float = Field(0.1, gt=0, description="KL strength β (Rafailov et al. 2023 use 0.1)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO label noise ε")
-    reference: ReferenceModeName = Field("copy", description=REFERENCE_HELP)
+    reference: ReferenceModeName = Field("auto", description=REFERENCE_HELP)
 
 
 class IPOOptions(_Strict):
     beta: float = Field(0.1, gt=0, description="τ; the target margin of the length-averaged log-ratios is 1/(2τ)")
-    reference: ReferenceModeName = Field("copy", description=REFERENCE_HELP)
+    reference: ReferenceModeName = Field("auto", description=REFERENCE_HELP)
 
 
 class SimPOOptions(_Strict):
@@ -76,7 +77,7 @@ class KTOOptions(_Strict):
     beta: float = Field(0.1, gt=0, description="β (Ethayarajh et al. 2024 use 0.1)")
     desirable_weight: float = Field(1.0, gt=0, description="λ_D; keep λ_D·n_D / (λ_U·n_U) in [1, 4/3]")
     undesirable_weight: float = Field(1.0, gt=0, description="λ_U")
-    reference: ReferenceModeName = Field("copy", description=REFERENCE_HELP)
+    reference: ReferenceModeName = Field("auto", description=REFERENCE_HELP)
 
 
 class RewardModelOptions(_Strict):
@@ -93,7 +94,9 @@ class LoraSection(_Strict):
 
 class GRPOOptions(_Strict):
     num_generations: int = Field(8, ge=2, description="G samples per prompt (TRL default 8)")
-    prompts_per_step: int = Field(8, ge=1, description="prompts per generation batch")
+    prompts_per_step: int = Field(8, ge=1, description="prompts per generation batch; the batch of prompts_per_step "
+                                                       "× num_generations samples is split into train.grad_accum "
+                                                       "micro-batches (train.batch_size is not used by GRPO)")
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(0, ge=0, description="0 disables top-k")

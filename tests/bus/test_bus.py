@@ -58,9 +58,42 @@ def test_unknown_type_and_bad_payload_are_refused_before_logging(bus, tmp_path):
     assert read_events(tmp_path / "events.sqlite") == []
 
 
-def test_unknown_target_is_an_error(bus):
+def test_unknown_target_is_an_error_and_nothing_is_logged(bus, tmp_path):
     with pytest.raises(ValueError, match="unknown agent"):
         bus.publish(_note("x", "hi", target="nobody"))
+    assert read_events(tmp_path / "events.sqlite") == []
+
+
+def test_many_publishers_deliver_in_log_order(bus, tmp_path):
+    import random
+    import time
+
+    box = bus.register("sink")
+    bus.subscribe("sink", "run.note")
+    bus.observe(lambda seq, env: time.sleep(random.random() / 2000))  # widen any race window
+
+    def publish(tag):
+        for i in range(100):
+            bus.publish(_note(f"p{tag}", f"{tag}-{i}"))
+
+    threads = [threading.Thread(target=publish, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    delivered = [box.get(timeout=1).id for _ in range(400)]
+    logged = [e.envelope.id for e in read_events(tmp_path / "events.sqlite")]
+    assert delivered == logged
+
+
+def test_a_run_finishes_once(bus, tmp_path):
+    from posttrain.bus.events import make_event
+
+    first = make_event("run.finished.v1", "coordinator", "r1", {"status": "succeeded", "error": None})
+    second = make_event("run.finished.v1", "runner", "r1", {"status": "failed", "error": {
+        "agent": "runner", "task": None, "reason": "late"}})
+    assert bus.publish(first) == 1 and bus.publish(second) is None
+    assert [e.envelope.id for e in read_events(tmp_path / "events.sqlite")] == [first.id]
 
 
 def test_request_reply_resolves_by_causation_and_keeps_correlation(bus):

@@ -127,6 +127,7 @@ def test_two_processes_build_once(tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the full recipe: about a minute on an idle 2-core machine, far more when loaded
 def test_real_embedded_build_is_partly_competent(tmp_path, monkeypatch):
     monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
     path = E.embedded_model_dir(seed=0)

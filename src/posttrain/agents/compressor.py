@@ -2,7 +2,7 @@
 
 Thin over `posttrain.compress.int8`. Guarantees: the artifact is reloaded from disk before it is reported; its size
 and the uncompressed size are measured on disk; the logit difference is measured on a probe batch of real eval
-prompts, reloaded artifact against the uncompressed model.
+prompts (the first held-out rows), reloaded artifact against the uncompressed model, each prompt run alone.
 """
 
 from __future__ import annotations
@@ -16,7 +16,26 @@ from ..bus.envelope import Envelope
 from ..compress.int8 import load_int8, quantize_model_to_dir
 from ..config import RunConfig
 from ..models.loading import is_reward_model, load_model, load_tokenizer, resolve_model_path, weights_size_bytes
-from .runtime import AgentContext
+from ..data.tokenize import encode_prompt
+from ._io import read_jsonl
+from .runtime import AgentContext, TaskError
+
+
+def probe_difference(model: Any, reloaded: Any, tokenizer: Any, eval_path: str | None,
+                     rows: int = 4) -> tuple[float, bool]:
+    """Max |logit difference| between the uncompressed model and the reloaded artifact over the prompts of the first
+    held-out rows, each run alone (no padding counted); and whether every reloaded output is finite."""
+    prompts = [r["prompt"] for r in read_jsonl(eval_path, limit=rows)] if eval_path else []
+    if not prompts:
+        raise TaskError("no held-out prompts to measure the compressed model on")
+    worst, finite = 0.0, True
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([encode_prompt(tokenizer, prompt)])
+            a, b = model(input_ids=ids).logits, reloaded(input_ids=ids).logits
+            worst = max(worst, float((a - b).abs().max()))
+            finite = finite and bool(torch.isfinite(b).all())
+    return worst, finite
 
 
 class CompressorAgent:
@@ -45,12 +64,7 @@ class CompressorAgent:
         quantize_model_to_dir(model, tokenizer, out)
         ctx.progress("compress", 2, 3, "reloading")
         reloaded = load_int8(out)
-        probe = tokenizer(["1 + 2 = 3", "How many apples does Sam have?"], return_tensors="pt", padding=True)
-        with torch.no_grad():
-            a = model(**probe).logits
-            b = reloaded(**probe).logits
-        diff = float((a - b).abs().max())
-        reload_ok = bool(torch.isfinite(b).all())
+        diff, reload_ok = probe_difference(model, reloaded, tokenizer, env.data["params"].get("eval_path"))
         size, base = weights_size_bytes(out), weights_size_bytes(resolve_model_path(source))
         ctx.publish("compress.result.v1", {"method": method, "path": str(out), "size_bytes": size,
                                            "base_size_bytes": base, "reload_ok": reload_ok,

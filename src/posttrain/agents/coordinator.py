@@ -113,8 +113,14 @@ class Coordinator:
         self.pending = _Pending(stage, task_id, now, now + self.config.task_timeout_s)
         ctx.publish("stage.started.v1", {"stage": stage.name, "task_id": task_id, "agent": stage.agent},
                     subject=stage.name)
-        ctx.publish("task.assigned.v1", {"task_id": task_id, "stage": stage.name,
-                                         "params": self._params_for(stage.name),
+        try:
+            params = self._params_for(stage.name)
+        except (KeyError, TypeError, ValueError) as exc:
+            # An earlier stage's result lacks what this stage needs: a bug to report, not a deadline to wait out.
+            self._fail(ctx, "coordinator", task_id, f"could not prepare stage '{stage.name}' from earlier results: "
+                                                    f"{type(exc).__name__}: {exc}")
+            return
+        ctx.publish("task.assigned.v1", {"task_id": task_id, "stage": stage.name, "params": params,
                                          "deadline_s": self.config.task_timeout_s},
                     target=stage.agent, subject=stage.name)
 
@@ -148,7 +154,7 @@ class Coordinator:
             return {"method": r["select"]["method"], "model": r["data"]["model"], "kind": r["data"]["kind"],
                     "train_path": r["data"]["train_path"]}
         if stage == "compress":
-            return {"model": r["train"]["checkpoint"]}
+            return {"model": r["train"]["checkpoint"], "eval_path": r["data"]["eval_path"]}
         if stage == "evaluate":
             models = {"aligned": r["train"]["checkpoint"]}
             if "compress" in r:

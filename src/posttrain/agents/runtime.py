@@ -139,7 +139,7 @@ class AgentRunner:
             self.ctx.progress(env.data["stage"], 0, None, "started")
         try:
             attempts, error = 0, None
-            while attempts < self.options.max_attempts:
+            while attempts < self.options.max_attempts and not (attempts and self._stop.is_set()):
                 attempts += 1
                 try:
                     result = self.agent.handle(env, self.ctx)

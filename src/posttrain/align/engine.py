@@ -42,8 +42,9 @@ class TrainOptions(BaseModel):
     max_length: int = Field(512, ge=8, description="max tokens of prompt + completion")
     max_prompt_length: int | None = Field(None, description="left-truncate prompts longer than this")
     seed: int = 0
-    checkpoint_every: int | None = Field(None, ge=1, description="save a resumable checkpoint every N optimizer "
-                                                                 "steps under output_dir/step-N")
+    checkpoint_every: int | None = Field(None, ge=1, description="save a checkpoint (HF weights + optimizer, "
+                                                                 "schedule and RNG state) every N optimizer steps "
+                                                                 "under output_dir/step-N")
     output_dir: str | None = Field(None, description="where periodic checkpoints go (needed by checkpoint_every)")
 
 
@@ -77,6 +78,18 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Switch every dropout off (nn.Dropout layers and the attention-dropout rates HF attention reads), so the
+    policy in train mode computes exactly what its reference or its rollout computed in eval mode: DPO's step-0
+    loss is ln 2 and a GRPO ratio is 1 on policy (TRL does the same by default for its offline trainers)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
 
 
 def _lr_lambda(options: TrainOptions) -> Callable[[int], float]:
@@ -142,6 +155,10 @@ class Engine:
             for k, v in out.metric_sums.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + v
                 metric_counts[k] = metric_counts.get(k, 0.0) + out.metric_counts.get(k, 0.0)
+        if not math.isfinite(loss_total):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"the loss is not finite ({loss_total}) at step {self.step_count + 1}: the "
+                                     "update was not applied; lower the learning rate or check the data")
         # Normalise by the whole window (gradients are linear in the loss, so scaling them afterwards is exact).
         scale = 1.0 / max(total_units, 1.0)
         for p in self.params:

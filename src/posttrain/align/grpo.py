@@ -24,7 +24,7 @@ import torch
 from ..data.collate import collate_completions
 from ..data.tokenize import encode_prompt
 from ..rollout.generate import generate
-from .engine import Engine, LossOutput, TrainOptions, TrainResult, set_seed
+from .engine import Engine, LossOutput, TrainOptions, TrainResult, disable_dropout, set_seed
 from .logprobs import completion_mask, token_logprobs
 from .losses import group_advantages, grpo_token_loss
 from .reference import make_reference
@@ -68,26 +68,34 @@ def train_grpo(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainO
                reward_fn: RewardFn, on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Train `model` in place with GRPO on normalised verifiable rows ({"prompt": messages, "answer": str})."""
     set_seed(options.seed)
+    disable_dropout(model)
     if not rows:
         raise ValueError("no prompts to train on")
-    prompts = []
+    # Prompts keep their end (the question) and leave room for the completion within max_length.
+    prompt_budget = options.max_length - settings.max_new_tokens
+    if options.max_prompt_length is not None:
+        prompt_budget = min(prompt_budget, options.max_prompt_length)
+    if prompt_budget < 1:
+        raise ValueError(f"train.max_length={options.max_length} leaves no room for a prompt next to "
+                         f"grpo.max_new_tokens={settings.max_new_tokens}")
+    prompts, truncated = [], 0
     for row in rows:
         ids = encode_prompt(tokenizer, row["prompt"])
-        if options.max_prompt_length is not None and len(ids) > options.max_prompt_length:
-            ids = ids[-options.max_prompt_length:]
+        if len(ids) > prompt_budget:
+            ids, truncated = ids[-prompt_budget:], truncated + 1
         prompts.append((ids, row["answer"]))
     G, pad = settings.num_generations, pad_id_of(tokenizer)
     reference = make_reference(model, settings.reference) if settings.beta > 0 else None
     engine = Engine(model, options.model_copy(update={"steps": options.steps * settings.num_iterations}),
                     tokenizer=tokenizer)
-    result = TrainResult(steps=0, rows=len(prompts))
+    result = TrainResult(steps=0, rows=len(prompts), dropped={"prompts_left_truncated": truncated} if truncated else {})
     rng = random.Random(options.seed)
     order: list[int] = []
 
     def loss_fn(micro: list[Sample]) -> LossOutput:
         batch = collate_completions([(s.prompt_ids, s.completion_ids) for s in micro], pad)
         logps = token_logprobs(model, batch, settings.temperature)
-        mask = completion_mask(batch)
+        mask = completion_mask(batch, logps)
         width = logps.shape[1]
         old = torch.stack([_fit(s.old_logps, width) for s in micro]) if micro[0].old_logps is not None \
             else logps.detach()
@@ -139,8 +147,10 @@ def train_grpo(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainO
                    "frac_zero_std_groups": float((group_std == 0).float().mean()),
                    "completion_length": float(sum(len(g.completion_ids) for g in gens) / len(gens)),
                    "completions_finished": float(sum(g.finished for g in gens) / len(gens))}
+        rollout["empty_completions"] = float(sum(not ok for ok in valid.tolist()))
         for _ in range(settings.num_iterations):
-            metrics = engine.step(micro_batches, loss_fn) if micro_batches else {"loss": 0.0}
+            # No trainable completion: no update, so no loss to report (the rollout's own numbers still are).
+            metrics = engine.step(micro_batches, loss_fn) if micro_batches else {}
             metrics.update(rollout)
             result.history.append(metrics)
             if on_step is not None:

@@ -28,7 +28,7 @@ import torch
 from ..data.collate import CompletionBatch, collate_completions
 from ..data.tokenize import EncodedCompletion, encode_completion
 from .batching import cycle_batches
-from .engine import Engine, LossOutput, TrainOptions, TrainResult, set_seed, train_loop
+from .engine import Engine, LossOutput, TrainOptions, TrainResult, disable_dropout, set_seed, train_loop
 from .logprobs import shared_prompt_logprobs
 from .losses import kto_kl_baseline, kto_loss
 from .reference import ReferenceMode, make_reference, run_frozen
@@ -185,9 +185,8 @@ def train_kto(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainOp
         raise ValueError("KTO needs batch_size >= 2: its KL reference point pairs each prompt with another "
                          "example's completion in the same micro-batch, and with one example the only completion "
                          "is its own (the KL term would equal the reward; ALGORITHMS.md pitfall 11)")
-    if settings.reference not in ("copy", "precompute"):
-        raise ValueError(f"unknown reference mode {settings.reference!r}; expected one of: copy, precompute")
     set_seed(options.seed)
+    disable_dropout(model)
     examples, dropped = encode_unpaired(tokenizer, rows, options)
     if not examples:
         raise ValueError(f"no KTO rows left to train on after tokenization (dropped: {dropped})")

@@ -93,16 +93,17 @@ def token_logprobs(model: torch.nn.Module, batch: CompletionBatch, temperature: 
     return fast
 
 
-def completion_mask(batch: CompletionBatch) -> torch.Tensor:
-    """The mask aligned with `token_logprobs` (shifted by one)."""
-    return batch.completion_mask[:, 1:].float()
+def completion_mask(batch: CompletionBatch, like: torch.Tensor | None = None) -> torch.Tensor:
+    """The mask aligned with `token_logprobs` (shifted by one), on `like`'s device when given."""
+    mask = batch.completion_mask[:, 1:].float()
+    return mask.to(like.device) if like is not None else mask
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: CompletionBatch,
                       temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed completion log-probs [B], completion token counts [B])."""
     logps = token_logprobs(model, batch, temperature)
-    return logps.sum(dim=-1), completion_mask(batch).sum(dim=-1)
+    return logps.sum(dim=-1), completion_mask(batch, logps).sum(dim=-1)
 
 
 def shared_prompt_logprobs(model: torch.nn.Module, prompts: list[list[int]], completions: list[list[list[int]]],

@@ -22,7 +22,7 @@ import torch
 from ..data.collate import CompletionBatch, collate_completions
 from ..data.tokenize import EncodedCompletion, encode_completion, encode_prompt
 from .batching import windows
-from .engine import Engine, LossOutput, TrainOptions, TrainResult, set_seed, train_loop
+from .engine import Engine, LossOutput, TrainOptions, TrainResult, disable_dropout, set_seed, train_loop
 from .logprobs import shared_prompt_logprobs
 from .losses import dpo_loss, ipo_loss, orpo_odds_ratio, simpo_loss
 from .reference import ReferenceMode, make_reference, run_frozen
@@ -138,6 +138,7 @@ def train_preference(model: Any, tokenizer: Any, rows: Sequence[dict], options: 
     settings = settings or PreferenceSettings()
     method = settings.method
     set_seed(options.seed)
+    disable_dropout(model)
     pairs, dropped = encode_pairs(tokenizer, rows, options, move_common_prefix=LENGTH_NORMALISED[method])
     if not pairs:
         raise ValueError(f"no preference pairs left to train on after tokenization (dropped: {dropped})")

@@ -28,7 +28,7 @@ from ..data.collate import CompletionBatch, collate_completions
 from ..data.tokenize import encode_completion
 from ..models.loading import resolve_model_path
 from .batching import windows
-from .engine import Engine, LossOutput, TrainOptions, TrainResult, set_seed, train_loop
+from .engine import Engine, LossOutput, TrainOptions, TrainResult, disable_dropout, set_seed, train_loop
 from .logprobs import shared_prompt_hidden
 from .losses import bradley_terry_loss
 from .preference import EncodedPair, collate_pairs, encode_pairs
@@ -204,6 +204,7 @@ def train_reward_model(model_name_or_model: Any, tokenizer: Any, rows: Sequence[
     settings = settings or RewardSettings()
     set_seed(options.seed)
     model = load_reward_model(model_name_or_model)
+    disable_dropout(model)
     pairs, margins, dropped = _encode(tokenizer, rows, options, settings.margin_field)
     if not pairs:
         raise ValueError(f"no preference pairs left to train on after tokenization (dropped: {dropped})")

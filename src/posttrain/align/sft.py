@@ -65,7 +65,7 @@ def train_sft(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainOp
     def loss_fn(micro: list[tuple[list[int], list[int]]]) -> LossOutput:
         batch = collate_masked(micro, pad)
         logps = token_logprobs(model, batch)
-        mask = completion_mask(batch)
+        mask = completion_mask(batch, logps)
         loss_sum, count = nll_sum(logps, mask)
         out = LossOutput(loss_sum, float(count))
         out.add_metric("tokens", float(count), 1)

@@ -2,8 +2,10 @@
 
 Guarantees:
 - `publish` validates the payload, commits the event to the run's log, and only then delivers it; an event that
-  could not be logged is never delivered;
-- each agent has one FIFO mailbox drained by one thread, so an agent sees its messages in log order;
+  could not be logged is never delivered, and an event addressed to nobody known is never logged;
+- exactly one `run.finished.v1` per run: later ones are dropped;
+- each agent has one FIFO mailbox drained by one thread, and logging + delivery happen under one lock, so an agent
+  sees its messages in log order whatever the number of publishing threads;
 - delivery: to `target` if set, plus every agent subscribed to a matching type prefix (each agent at most once);
 - a reply (an event whose `causation_id` is a pending request's id) resolves that request's future instead of
   going to a mailbox; `request` raises `RequestTimeout` at its deadline;
@@ -59,6 +61,7 @@ class Bus:
         self._pending: dict[str, Future] = {}
         self._observers: list[Callable[[int, Envelope], None]] = []
         self._closed = False
+        self._finished = False
 
     # -- wiring ------------------------------------------------------------------------------------------------
     def register(self, agent: str) -> Mailbox:
@@ -82,24 +85,33 @@ class Bus:
             return list(self._mailboxes)
 
     # -- sending -----------------------------------------------------------------------------------------------
-    def publish(self, env: Envelope) -> int:
-        """Log `env` (commit), then deliver it. Returns its seq."""
+    def publish(self, env: Envelope) -> int | None:
+        """Log `env` (commit), then deliver it. Returns its seq, or None for a second `run.finished.v1`.
+
+        Logging and delivery happen under one lock, so every mailbox receives events in log order even when many
+        threads publish at once. The recipients are resolved before logging: an event nobody can receive is refused
+        and never logged. A run finishes once: the first `run.finished.v1` wins and later ones are dropped."""
         validate_payload(env.type, env.data)
         if env.run_id != self.run_id:
             raise ValueError(f"event for run {env.run_id!r} published on the bus of run {self.run_id!r}")
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"the bus of run {self.run_id} is closed; {env.type} from {env.source} dropped")
-            seq = self.log.append(env)
-            observers = list(self._observers)
-            future = self._pending.pop(env.causation_id, None) if env.causation_id else None
+            if env.type == "run.finished.v1":
+                if self._finished:
+                    return None
+                self._finished = True
+            future = self._pending.get(env.causation_id) if env.causation_id else None
             recipients = [] if future is not None else self._recipients(env)
-        for observer in observers:
-            observer(seq, env)
-        if future is not None:
-            future.set_result(env)
-        for box in recipients:
-            box.put(env)
+            seq = self.log.append(env)
+            if future is not None:
+                self._pending.pop(env.causation_id, None)
+            for observer in self._observers:
+                observer(seq, env)
+            if future is not None:
+                future.set_result(env)
+            for box in recipients:
+                box.put(env)
         return seq
 
     def _recipients(self, env: Envelope) -> list[Mailbox]:

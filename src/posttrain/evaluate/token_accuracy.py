@@ -52,6 +52,8 @@ def evaluate_token_accuracy(model: Any, tokenizer: Any, rows: Sequence[dict], *,
             records.append({"row": start + j, "correct_tokens": c, "tokens": t})
         if progress is not None:
             progress(min(start + batch_size, len(encoded)), len(encoded))
+    if total == 0:
+        raise ValueError("no completion tokens to score in the held-out demonstrations")
     if samples_path is not None:
         Path(samples_path).parent.mkdir(parents=True, exist_ok=True)
         with open(samples_path, "w") as fh:
