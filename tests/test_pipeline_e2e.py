@@ -116,3 +116,20 @@ def test_each_offline_method_runs_through_the_agents_on_the_embedded_task(method
     events = _check_log_contract(run_dir, ["data", "select", "evaluate_base", "train", "evaluate"])
     steps = [e["data"]["step"] for e in events if e["type"] == "train.metrics.v1"]
     assert steps == [1, 2, 3]
+
+
+def test_benchmarks_in_the_pipeline_and_a_gate_that_fails_with_the_numbers(datasets_dir, tmp_path, capsys):
+    args = ["demo", "--quiet", "--train.steps", "2", "--runs_dir", str(tmp_path), "--evaluate.limit", "16",
+            "--evaluate.benchmarks", "[arc_easy]", "--evaluate.data_dir", str(datasets_dir),
+            "--evaluate.benchmark_limit", "8"]
+    code, run_dir, report = _run_cli(args, capsys)
+    assert code == 0, report.get("error")
+    for model in ("base", "aligned", "compressed"):
+        entry = report["benchmarks"]["arc_easy/acc"][model]
+        assert entry["n"] == 8 and entry["ci_low"] <= entry["value"] <= entry["ci_high"]
+    # A gate no change can pass (a negative allowance): the run fails, naming the metric and both values.
+    code, run_dir, report = _run_cli(args + ["--evaluate.gate", "{task: -1.0}"], capsys)
+    assert code == 1 and report["status"] == "failed"
+    err = report["error"]
+    assert err["agent"] == "evaluator" and "gate failed: task dropped from" in err["reason"]
+    assert "(base, n=16)" in err["reason"] and "(aligned, n=16)" in err["reason"]

@@ -119,6 +119,18 @@ class CompressOptions(_Strict):
 
 class EvalOptions(_Strict):
     enabled: bool = True
+    benchmarks: list[str] = Field(default_factory=list, description="standard benchmarks run on base, aligned and "
+                                  "compressed models: mmlu, arc_easy, arc_challenge, gsm8k, truthfulqa_mc1, "
+                                  "truthfulqa_mc2, humaneval, mt_bench")
+    data_dir: str | None = Field(None, description="benchmark data laid out like ../shared/datasets (None: the hub)")
+    benchmark_limit: int | None = Field(50, ge=1, description="seeded random subset per benchmark (None: all)")
+    allow_code_execution: bool = Field(False, description="HumanEval runs model-written code in a sandbox: opt in")
+    judge: str | None = Field(None, description="MT-Bench judge: self | local:PATH | openai:MODEL")
+    judge_base_url: str | None = None
+    gate: dict[str, float] = Field(default_factory=dict, description="maximum allowed drop per metric, e.g. "
+                                   "{'task': 0.05, 'gsm8k/exact_match_strict': 0.02}: aligned vs base and compressed "
+                                   "vs aligned; a larger drop fails the run with the numbers ('task' = the run's "
+                                   "own held-out metric)")
     limit: int | None = Field(200, ge=1, description="evaluate at most this many held-out rows")
     batch_size: int = Field(32, ge=1)
     max_new_tokens: int = Field(64, ge=1)

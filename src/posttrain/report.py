@@ -110,6 +110,9 @@ def build_report(run_dir: str | Path, state: RunState | None = None) -> dict[str
         "training": _training(state),
         "compression": compression,
         "evals": state.evals,
+        "benchmarks": {key: {model: {"value": r["value"], "n": r["n"], "ci_low": r.get("ci_low"),
+                                     "ci_high": r.get("ci_high")} for model, r in per_model.items()}
+                       for key, per_model in state.benchmark_results().items()},
         "started_at": state.started_at,
         "wall_s": state.elapsed() if state.started_at is not None else None,
     }
@@ -149,6 +152,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {model} | {_acc(a)} | {a['n'] if a else '-'} | {a['metric'] if a else '-'} |")
     chain = " → ".join(_acc(r["accuracy"].get(m)) for m in MODELS)
     lines += ["", f"base → aligned → compressed: {chain}", ""]
+    if r.get("benchmarks"):
+        lines += ["## Benchmarks", "", "| benchmark / metric | base | aligned | compressed | n |", "|---|---|---|---|---|"]
+        for key, per_model in r["benchmarks"].items():
+            cells = [_acc(per_model.get(m)) if per_model.get(m) else NOT_MEASURED for m in MODELS]
+            n = next((v["n"] for v in per_model.values()), "-")
+            lines.append(f"| {key} | {' | '.join(cells)} | {n} |")
+        lines.append("")
     sizes = r["sizes_bytes"]
     lines += ["## Sizes", "", "| model | size |", "|---|---|"]
     for model in ("aligned", "compressed"):

@@ -133,3 +133,14 @@ def test_task_deadline_fails_the_run(tmp_path):
     outcome = execute(config, view="quiet", agents=_cast(config, Hangs("trainer")))
     assert outcome.status == "failed"
     assert "deadline" in outcome.report["error"]["reason"] and outcome.report["error"]["agent"] == "trainer"
+
+
+def test_gate_failures_name_the_metric_and_the_numbers():
+    from posttrain.agents.evaluator import gate_failures
+
+    results = {"base": {"task": {"value": 0.40, "n": 200}}, "aligned": {"task": {"value": 0.45, "n": 200}},
+               "compressed": {"task": {"value": 0.30, "n": 200}}}
+    assert gate_failures({"task": 0.2}, results) == []
+    failures = gate_failures({"task": 0.1}, results)
+    assert failures == ["task dropped from 0.4500 (aligned, n=200) to 0.3000 (compressed, n=200), by 0.1500 > "
+                        "the allowed 0.1"]

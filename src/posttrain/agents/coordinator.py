@@ -160,5 +160,6 @@ class Coordinator:
             if "compress" in r:
                 models["compressed"] = r["compress"]["path"]
             return {"models": models, "eval_path": r["data"]["eval_path"], "eval_kind": r["data"]["eval_kind"],
-                    "method": r["select"]["method"]}
+                    "method": r["select"]["method"],
+                    "base_results": (r.get("evaluate_base") or {}).get("results")}
         raise ValueError(f"no parameters defined for stage {stage!r}")

@@ -15,11 +15,12 @@ from ..bus.envelope import Envelope
 from ..compress.int8 import is_int8_artifact, load_int8
 from ..config import RunConfig
 from ..evaluate.exact_match import evaluate_exact_match
+from ..evaluate.harness import run_benchmarks
 from ..evaluate.pairwise import evaluate_pairwise
 from ..evaluate.token_accuracy import evaluate_token_accuracy
 from ..models.loading import is_reward_model, load_model, load_tokenizer, resolve_device, resolve_model_path
 from ._io import read_jsonl
-from .runtime import AgentContext
+from .runtime import AgentContext, TaskError
 
 METRIC_OF_KIND = {"verifiable": "exact_match", "preference": "pairwise_accuracy", "sft": "token_accuracy"}
 
@@ -46,48 +47,107 @@ class EvaluatorAgent:
     def handle(self, env: Envelope, ctx: AgentContext) -> dict[str, Any] | None:
         if env.type != "task.assigned.v1":
             return None
-        p, opts = env.data["params"], self.config.evaluate
-        kind = p["eval_kind"]
-        metric = METRIC_OF_KIND.get(kind)
-        if metric is None:
-            ctx.publish("run.note.v1", {"level": "warning", "text": (
-                f"nothing measured: there is no held-out metric for data of kind {kind!r}; set "
-                "data_options.eval_data to prompts with checkable answers, preference pairs or demonstrations")})
-            return {"results": {}}
-        rows = read_jsonl(p["eval_path"], limit=opts.limit)
-        stage = env.data["stage"]
-        results = {}
-        reward_run = p.get("method") == "rm"
-        if reward_run and kind != "preference":
-            ctx.publish("run.note.v1", {"level": "warning", "text": (
-                f"nothing measured: a reward model is evaluated on held-out preference pairs, not on {kind!r} data")})
-            return {"results": {}}
+        p, stage = env.data["params"], env.data["stage"]
+        results: dict[str, dict[str, dict[str, Any]]] = {}
         for name, ref in p["models"].items():
-            if reward_run and name == "base":
-                ctx.publish("run.note.v1", {"level": "info", "text": (
-                    "base not measured: the base model has no reward head yet (one is added for training)")})
-                continue
-            ctx.progress(stage, 0, len(rows), f"loading {name}")
+            ctx.progress(stage, 0, None, f"loading {name}")
             model, tokenizer = self._load(ref)
             model.to(resolve_device(self.config.device))
-            samples = self.run_dir / "artifacts" / "eval" / f"{name}.jsonl"
-
-            def progress(done: int, total: int, _name: str = name) -> None:
-                ctx.progress(stage, done, total, _name)
-
-            if kind == "verifiable":
-                r = evaluate_exact_match(model, tokenizer, rows, batch_size=opts.batch_size,
-                                         max_new_tokens=opts.max_new_tokens, samples_path=samples, progress=progress)
-            elif kind == "sft":
-                r = evaluate_token_accuracy(model, tokenizer, rows, batch_size=opts.batch_size,
-                                            max_length=self.config.train.max_length, samples_path=samples,
-                                            progress=progress)
-            else:
-                r = evaluate_pairwise(model, tokenizer, rows, reward_model=reward_run, batch_size=opts.batch_size,
-                                      max_length=self.config.train.max_length,
-                                      max_prompt_length=self.config.train.max_prompt_length, samples_path=samples, progress=progress)
-            payload = {"model": name, "metric": "reward_accuracy" if reward_run else metric, "value": float(r.value), "n": int(r.n), "path": str(ref),
-                       "samples_path": str(samples), "dropped": getattr(r, "dropped", None) or None}
-            ctx.publish("eval.result.v1", payload)
-            results[name] = payload
+            measured = {}
+            task = self._task_metric(ctx, stage, name, ref, model, tokenizer, p)
+            if task is not None:
+                measured["task"] = task
+            measured.update(self._benchmarks(ctx, stage, name, ref, model, tokenizer))
+            results[name] = measured
+        failures = gate_failures(self.config.evaluate.gate, {**(p.get("base_results") or {}), **results})
+        if failures:
+            raise TaskError("gate failed: " + "; ".join(failures))
         return {"results": results}
+
+    def _task_metric(self, ctx: AgentContext, stage: str, name: str, ref: str, model: Any, tokenizer: Any,
+                     p: dict[str, Any]) -> dict[str, Any] | None:
+        """The run's own held-out metric for one model, published as eval.result.v1 (None when not measurable)."""
+        opts, kind = self.config.evaluate, p["eval_kind"]
+        metric = METRIC_OF_KIND.get(kind)
+        reward_run = p.get("method") == "rm"
+        if metric is None or (reward_run and kind != "preference"):
+            ctx.publish("run.note.v1", {"level": "warning", "text": (
+                f"{name}: nothing measured on the held-out data: there is no metric for data of kind {kind!r}"
+                + (" for a reward model" if reward_run else "") + "; set data_options.eval_data to prompts with "
+                "checkable answers, preference pairs or demonstrations")})
+            return None
+        if reward_run and name == "base":
+            ctx.publish("run.note.v1", {"level": "info", "text": (
+                "base not measured: the base model has no reward head yet (one is added for training)")})
+            return None
+        rows = read_jsonl(p["eval_path"], limit=opts.limit)
+        samples = self.run_dir / "artifacts" / "eval" / f"{name}.jsonl"
+
+        def progress(done: int, total: int) -> None:
+            ctx.progress(stage, done, total, name)
+
+        train = self.config.train
+        if kind == "verifiable":
+            r = evaluate_exact_match(model, tokenizer, rows, batch_size=opts.batch_size,
+                                     max_new_tokens=opts.max_new_tokens, samples_path=samples, progress=progress)
+        elif kind == "sft":
+            r = evaluate_token_accuracy(model, tokenizer, rows, batch_size=opts.batch_size,
+                                        max_length=train.max_length, samples_path=samples, progress=progress)
+        else:
+            r = evaluate_pairwise(model, tokenizer, rows, reward_model=reward_run, batch_size=opts.batch_size,
+                                  max_length=train.max_length, max_prompt_length=train.max_prompt_length,
+                                  samples_path=samples, progress=progress)
+        payload = {"model": name, "metric": "reward_accuracy" if reward_run else metric, "value": float(r.value),
+                   "n": int(r.n), "path": str(ref), "samples_path": str(samples),
+                   "dropped": getattr(r, "dropped", None) or None}
+        ctx.publish("eval.result.v1", payload)
+        return payload
+
+    def _benchmarks(self, ctx: AgentContext, stage: str, name: str, ref: str, model: Any,
+                    tokenizer: Any) -> dict[str, dict[str, Any]]:
+        """The configured standard benchmarks for one model; each metric published as eval.result.v1."""
+        opts = self.config.evaluate
+        if not opts.benchmarks or is_reward_model(resolve_model_path(ref)):
+            return {}
+        samples = self.run_dir / "artifacts" / "eval" / f"{name}.benchmarks.jsonl"
+        options = {"allow_code_execution": opts.allow_code_execution}
+        if opts.judge:
+            options["judge"] = opts.judge
+        if opts.judge_base_url:
+            options["judge_base_url"] = opts.judge_base_url
+
+        def progress(bench: str, done: int, total: int) -> None:
+            ctx.progress(stage, done, total, f"{name}: {bench}")
+
+        out = run_benchmarks(model, tokenizer, list(opts.benchmarks), data_dir=opts.data_dir,
+                             limit=opts.benchmark_limit, seed=self.config.seed, batch_size=opts.batch_size,
+                             options=options, samples_path=samples, model_name=str(ref), progress=progress)
+        measured = {}
+        for bench, metrics in out["results"].items():
+            for metric, m in metrics.items():
+                payload = {"model": name, "metric": metric, "benchmark": bench, "value": float(m["value"]),
+                           "n": int(m["n"]), "ci_low": m["ci_low"], "ci_high": m["ci_high"], "path": str(ref),
+                           "samples_path": str(samples)}
+                ctx.publish("eval.result.v1", payload)
+                measured[f"{bench}/{metric}"] = payload
+        for bench, reason in out["skipped"].items():
+            ctx.publish("run.note.v1", {"level": "warning", "text": f"{name}: {bench} not measured: {reason}"})
+        for bench, notes in out["notes"].items():
+            for note in notes:
+                ctx.publish("run.note.v1", {"level": "info", "text": f"{name}: {bench}: {note}"})
+        return measured
+
+
+def gate_failures(gate: dict[str, float], results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """Each configured metric may drop at most its allowance from base to aligned and from aligned to compressed."""
+    failures = []
+    for key, allowed in gate.items():
+        for before, after in (("base", "aligned"), ("aligned", "compressed")):
+            a, b = results.get(before, {}).get(key), results.get(after, {}).get(key)
+            if a is None or b is None:
+                continue
+            drop = a["value"] - b["value"]
+            if drop > allowed:
+                failures.append(f"{key} dropped from {a['value']:.4f} ({before}, n={a['n']}) to {b['value']:.4f} "
+                                f"({after}, n={b['n']}), by {drop:.4f} > the allowed {allowed:g}")
+    return failures

@@ -144,6 +144,9 @@ class EvalResult(Payload):
     path: str
     samples_path: str | None = None
     dropped: dict[str, int] | None = None  # held-out rows not scored (e.g. emptied by truncation), by reason
+    benchmark: str | None = None  # a standard benchmark (mmlu, gsm8k, ...); None: the run's own held-out data
+    ci_low: float | None = None
+    ci_high: float | None = None
 
 
 class CompressResult(Payload):

@@ -195,9 +195,17 @@ class RunState:
     def eval_for(self, model: str) -> dict[str, Any] | None:
         """The last eval.result.v1 payload for `model` (base | aligned | compressed), or None if never measured."""
         for result in reversed(self.evals):
-            if result.get("model") == model:
+            if result.get("model") == model and not result.get("benchmark"):
                 return result
         return None
+
+    def benchmark_results(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """{"benchmark/metric": {model: payload}} for the standard benchmarks, last result per model."""
+        table: dict[str, dict[str, dict[str, Any]]] = {}
+        for result in self.evals:
+            if result.get("benchmark"):
+                table.setdefault(f"{result['benchmark']}/{result['metric']}", {})[result["model"]] = result
+        return table
 
     def _agent(self, name: str) -> AgentView:
         if name not in self.agents:
