@@ -124,6 +124,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         options["num_fewshot"] = args.num_fewshot
     if args.chat_template:
         options["chat_template"] = True
+    if args.max_new_tokens is not None:  # one cap for every generative benchmark (and the MT-Bench judge)
+        options.update(max_new_tokens=args.max_new_tokens, max_gen_toks=args.max_new_tokens,
+                       judge_max_new_tokens=args.max_new_tokens)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     model = load_model(args.model, trust_remote_code=args.trust_remote_code).to(resolve_device(args.device))
     output = Path(args.output)
@@ -143,6 +146,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         for metric, m in metrics.items():
             ci = (f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m["ci_low"] is not None else "")
             print(f"{name:<16} {metric:<24} {m['value']:.4f}  n={m['n']}{ci}")
+        if not metrics:
+            why = "; ".join(n for n in result["notes"].get(name, []) if "not measured" in n) or "see the notes"
+            print(f"{name:<16} no metric: {why}")
     for name, reason in result["skipped"].items():
         print(f"{name:<16} skipped: {reason}")
     print(output, flush=True)
@@ -193,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge", default=None, help="MT-Bench judge: self | local:PATH | openai:MODEL")
     p.add_argument("--judge-base-url", default=None, help="OpenAI-compatible endpoint for --judge openai:MODEL "
                                                           "(key from $OPENAI_API_KEY)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap generation length for gsm8k, humaneval and mt_bench (default: each benchmark's standard)")
     p.add_argument("--device", default="auto")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--quiet", action="store_true")
