@@ -58,12 +58,14 @@ def _cmd_pipeline(args: argparse.Namespace, extra: list[str]) -> int:
             console.print(Markdown(render_markdown(outcome.report)))
         else:
             print(render_markdown(outcome.report))
-    print(outcome.run_dir, flush=True)
-    code = 130 if outcome.interrupted else (0 if outcome.status == "succeeded" else 1)
+    code = {"SIGINT": 130, "SIGTERM": 143}.get(outcome.interrupted or "", 0 if outcome.status == "succeeded" else 1)
+    if outcome.abandoned_agents:
+        print(f"posttrain: abandoning busy agent thread(s): {', '.join(outcome.abandoned_agents)}", file=sys.stderr,
+              flush=True)
+    print(outcome.run_dir, flush=True)  # the contract: the run directory is the last line of stdout
     if outcome.abandoned_agents:
         # A thread still inside a torch call cannot be joined, and letting the interpreter tear it down aborts the
         # process; everything is logged and reported, so leave now.
-        print(f"posttrain: abandoning busy agent thread(s): {', '.join(outcome.abandoned_agents)}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -72,6 +74,8 @@ def _cmd_pipeline(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _resolve_run(run: str, runs_dir: str) -> Path:
     path = Path(run)
+    if path.name == "events.sqlite" and path.is_file():
+        return path.parent
     if (path / "events.sqlite").exists():
         return path
     candidate = Path(runs_dir) / run
@@ -225,7 +229,7 @@ def _quiet_libraries() -> None:
 
 
 def _sigterm_as_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,8 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return _cmd_eval(args)
         return _cmd_embedded(args)
-    except (FileNotFoundError, ValueError, sqlite3.Error) as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"posttrain: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as exc:
+        where = f" ({getattr(args, 'run', '')}/events.sqlite)" if getattr(args, "run", None) else ""
+        print(f"posttrain: cannot read the event log{where}: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `posttrain show RUN | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -110,6 +110,8 @@ def build_report(run_dir: str | Path, state: RunState | None = None) -> dict[str
         "training": _training(state),
         "compression": compression,
         "evals": state.evals,
+        "notes": [{"source": n.get("source"), "level": n.get("level"), "text": n.get("text")} for n in state.notes
+                  if n.get("level") in ("info", "warning")],
         "benchmarks": {key: {model: {"value": r["value"], "n": r["n"], "ci_low": r.get("ci_low"),
                                      "ci_high": r.get("ci_high")} for model, r in per_model.items()}
                        for key, per_model in state.benchmark_results().items()},
@@ -183,6 +185,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Stages", "", "| stage | status | wall time |", "|---|---|---|"]
     for s in r["stages"]:
         lines.append(f"| {s['name']} | {s['status']} | {_num(s['wall_s'], '{:.1f} s')} |")
+    if r.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n['source']}: {n['text']}" for n in r["notes"]]
     return "\n".join(lines) + "\n"
 
 

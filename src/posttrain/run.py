@@ -45,7 +45,7 @@ class RunOutcome:
     run_dir: Path
     status: str
     report: dict[str, Any]
-    interrupted: bool = False
+    interrupted: str | None = None  # "SIGINT" (Ctrl-C) or "SIGTERM" when the run was stopped from outside
     abandoned_agents: tuple[str, ...] = ()  # agent threads still busy (hung, or interrupted mid-step)
 
 
@@ -74,8 +74,8 @@ def execute(config: RunConfig, *, view: str = "plain", console: Console | None =
 
         if not is_built(cache_root() / embedded_dir_name()):
             (console or Console(stderr=True)).print(
-                "[posttrain] building the embedded model (once; cached under "
-                f"{cache_root()}); this takes a minute or two on a laptop CPU", highlight=False)
+                f"[posttrain] building the embedded model once (cached under {cache_root()}): about a minute on an "
+                "idle 2-core CPU, several minutes on a busy one", highlight=False, soft_wrap=True)
         embedded_model_dir()
     run_id = new_run_id(config.run_name)
     run_dir = Path(config.runs_dir).resolve() / run_id
@@ -111,17 +111,18 @@ def execute(config: RunConfig, *, view: str = "plain", console: Console | None =
     guard.start()
 
     live = LiveView(run_dir / "events.sqlite", mode=view, console=console)
-    interrupted = False
+    interrupted = None
     try:
         live.run_until_finished(stop_event=finished)
         finished.wait()
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as exc:
+        interrupted = "SIGTERM" if exc.args and exc.args[0] == "SIGTERM" else "SIGINT"
         if not finished.is_set():
             busy = [f"{r.agent.name} ({r.task_id})" for r in runners if r.task_id]
+            what = "terminated (SIGTERM)" if interrupted == "SIGTERM" else "interrupted by the user (Ctrl-C)"
             bus.publish(make_event("run.finished.v1", RUNNER, run_id, {"status": "failed", "error": {
                 "agent": RUNNER, "task": None,
-                "reason": "interrupted by the user" + (f" while {', '.join(busy)} was busy" if busy else "")}},
+                "reason": what + (f" while {', '.join(busy)} was busy" if busy else "")}},
                 correlation_id=start_env.id, causation_id=start_env.id))
     for runner in runners:
         runner.stop(timeout=1.0)

@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent('''
     config = RunConfig(runs_dir={runs!r}, health={{"heartbeat_s": 0.05, "stall_after_s": 600}})
     outcome = execute(config, view="quiet", agents=_cast(config, Hangs("trainer")))
     print(outcome.run_dir, flush=True)
-    os._exit(130 if outcome.interrupted else 1)
+    os._exit({{"SIGINT": 130, "SIGTERM": 143}}.get(outcome.interrupted, 1))
 ''')
 
 
@@ -50,10 +50,11 @@ def test_interrupt_ends_the_run_with_a_report(sig, tmp_path):
         time.sleep(0.1)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == (130 if sig == signal.SIGINT else 143), err[-2000:]
     run_dir = Path(out.strip().splitlines()[-1])
     report = json.loads((run_dir / "report.json").read_text())
     assert report["status"] == "failed"
-    assert "interrupted by the user while trainer" in report["error"]["reason"]
+    expected = "interrupted by the user (Ctrl-C)" if sig == signal.SIGINT else "terminated (SIGTERM)"
+    assert f"{expected} while trainer" in report["error"]["reason"]
     stages = {s["name"]: s["status"] for s in report["stages"]}
     assert stages["data"] == "succeeded"

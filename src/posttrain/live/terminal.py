@@ -83,7 +83,8 @@ def sparkline(values: Iterable[float], width: int = 30) -> str:
 
 def format_line(msg: MessageView, t0: float | None) -> str:
     """One plain line: relative time, type, from -> to, key payload fields."""
-    rel = msg.time - t0 if t0 is not None else 0.0
+    # Events logged in the same instant as the start can read a hair earlier: never print "-0.0s".
+    rel = max(0.0, msg.time - t0) if t0 is not None else 0.0
     line = f"[{rel:5.1f}s] {msg.type}  {msg.source} -> {msg.target or '*'}"
     return f"{line}  {msg.summary}" if msg.summary else line
 
