@@ -5,6 +5,7 @@
     posttrain show RUN            a past run's timeline, from its event log
     posttrain watch RUN           follow a (running) run's live view from its event log
     posttrain runs                the runs under --runs-dir
+    posttrain compress --model M --method METHOD [--calibration FILE] --out DIR
     posttrain eval --model M --benchmarks mmlu,gsm8k,... --data-dir DIR [--limit N] [--output FILE.json]
     posttrain embedded build [--force]   (re)build the cached embedded model
 
@@ -159,6 +160,40 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compress(args: argparse.Namespace) -> int:
+    import json
+
+    from .compress.api import compress
+
+    if args.calibration:
+        from .data import prepare
+
+        rows = list(prepare(args.calibration, drop_empty=True).rows)
+    elif args.model == "embedded":
+        from .tasks import arithmetic
+
+        train, test = arithmetic.make_splits(seed=0)
+        rows = arithmetic.sft_rows(train[:256]) + arithmetic.sft_rows(test[:8])  # the last 8: held out (test split)
+    else:
+        raise ValueError("--calibration FILE is needed (prompts with completions, pairs or demonstrations)")
+    if len(rows) < 16:
+        raise ValueError(f"need at least 16 calibration rows (8 are held out to measure the artifact), got {len(rows)}")
+    options: dict = {}
+    if args.student:
+        options["student"] = args.student
+    if args.student_config:
+        options["student_config"] = args.student_config
+    if args.group_size:
+        options["group_size"] = args.group_size
+    if args.steps:
+        options["train"] = {"steps": args.steps}
+    result = compress(args.model, args.method, args.out, rows[:-8], heldout=rows[-8:], options=options)
+    print(json.dumps({k: result[k] for k in ("method", "artifact", "size_bytes", "base_size_bytes", "perplexity",
+                                             "base_perplexity", "top1_agreement", "tokens_per_s", "seconds")}))
+    print(Path(args.out) / "compression.json", flush=True)
+    return 0
+
+
 def _cmd_embedded(args: argparse.Namespace) -> int:
     from .models.embedded import embedded_model_dir
 
@@ -208,6 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("compress", help="quantize, prune or distill a model; the artifact is reloaded and measured")
+    p.add_argument("--model", required=True, help="'embedded' or a local HF directory")
+    p.add_argument("--method", required=True, help="int8_rtn | gptq | awq | gguf:f16|q8_0|q4_0|q4_k_m|... | "
+                   "prune:magnitude:0.5 | prune:wanda:0.5 | prune:sparsegpt:2:4 | prune:width:0.25 | prune:depth:1 | "
+                   "distill:logit|feature|progressive")
+    p.add_argument("--calibration", default=None, help="data file for calibration / distillation (default for the "
+                                                       "embedded model: its own task)")
+    p.add_argument("--out", required=True, help="output directory (artifact/ and compression.json)")
+    p.add_argument("--student", default=None, help="distillation: an initial student checkpoint")
+    p.add_argument("--student-config", default=None, help="distillation: a config (dir or json) for a fresh student")
+    p.add_argument("--group-size", type=int, default=None, help="GPTQ/AWQ group size (default 128)")
+    p.add_argument("--steps", type=int, default=None, help="distillation steps (default 50)")
     p = sub.add_parser("runs", help="list runs")
     p.add_argument("--runs-dir", default="runs")
     p = sub.add_parser("embedded", help="the embedded default model")
@@ -251,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_runs(args)
         if args.command == "eval":
             return _cmd_eval(args)
+        if args.command == "compress":
+            return _cmd_compress(args)
         return _cmd_embedded(args)
     except (FileNotFoundError, ValueError) as exc:
         print(f"posttrain: {exc}", file=sys.stderr)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .align.engine import TrainOptions
 from .bus.health import HealthOptions
@@ -114,7 +114,25 @@ class GRPOOptions(_Strict):
 
 class CompressOptions(_Strict):
     enabled: bool = True
-    method: Literal["int8_rtn"] = Field("int8_rtn", description="int8 weight-only round-to-nearest, per channel")
+    method: str = Field("int8_rtn", description="int8_rtn | gptq | awq | gguf:<type> | prune:<algo>:<amount> | "
+                                                "distill:<kind> (see posttrain.compress.api)")
+    fallback: list[str] = Field(default_factory=list, description="milder methods tried in order when the gate "
+                                                                  "below rejects an artifact, e.g. [gguf:q8_0]")
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, description="gate: reject an artifact whose top-1 "
+                                                                          "agreement with the aligned model is lower")
+    max_perplexity_ratio: float | None = Field(None, ge=1, description="gate: reject an artifact whose held-out "
+                                                                      "perplexity exceeds the aligned model's by more")
+    options: dict[str, Any] = Field(default_factory=dict, description="method options: group_size, student, "
+                                                                      "student_config, head_fraction, train")
+
+    @field_validator("method", "fallback")
+    @classmethod
+    def _known_methods(cls, value: Any) -> Any:
+        from .compress.api import parse_method
+
+        for method in ([value] if isinstance(value, str) else value):
+            parse_method(method)
+        return value
 
 
 class EvalOptions(_Strict):

@@ -86,13 +86,18 @@ def build_report(run_dir: str | Path, state: RunState | None = None) -> dict[str
     for model in MODELS:
         r = state.eval_for(model)
         accuracy[model] = {"value": r["value"], "n": r["n"], "metric": r["metric"]} if r else None
-    comp = state.compress[-1] if state.compress else None  # a fallback re-quantization supersedes earlier tries
+    accepted = [c for c in state.compress if c.get("accepted", True)]
+    comp = accepted[-1] if accepted else None  # the artifact the pipeline kept (rejected attempts are listed apart)
     compression = None
     if comp:
         base = comp.get("base_size_bytes")
         compression = {"method": comp.get("method"), "path": comp.get("path"), "reload_ok": comp.get("reload_ok"),
                        "size_bytes": comp.get("size_bytes"), "base_size_bytes": base,
-                       "ratio": comp["size_bytes"] / base if base else None}
+                       "ratio": comp["size_bytes"] / base if base else None,
+                       **{k: comp.get(k) for k in ("perplexity", "base_perplexity", "top1_agreement", "tokens_per_s",
+                                                   "load_seconds", "runtime")},
+                       "rejected": [{"method": c.get("method"), "reason": c.get("reason")}
+                                    for c in state.compress if not c.get("accepted", True)]}
     method = state.method or {}
     return {
         "run_id": state.run_id or run_dir.name,
@@ -170,6 +175,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     if c:
         ratio = f", ratio {c['ratio']:.3f}" if c.get("ratio") is not None else ""
         lines += ["", f"Compression: {c['method']}{ratio}, reloaded: {'yes' if c['reload_ok'] else 'NO'}"]
+        if c.get("top1_agreement") is not None:
+            lines += [f"Against the aligned model on held-out rows: top-1 agreement {c['top1_agreement']:.4f}, "
+                      f"perplexity {c['perplexity']:.4g} vs {c['base_perplexity']:.4g}; {c['tokens_per_s']:.1f} "
+                      f"tokens/s with {c['runtime']}, loaded in {c['load_seconds']:.2f} s"]
+        for rej in c.get("rejected") or []:
+            lines.append(f"Rejected by the gate: {rej['method']}: {rej['reason']}")
     lines.append("")
     t = r.get("training")
     lines += ["## Training", ""]

@@ -1,8 +1,10 @@
-"""The compressor agent: quantizes the aligned model, writes the artifact, reloads it and measures it.
+"""The compressor agent: compresses the aligned model with the configured method, reloads and measures the artifact,
+and falls back to milder methods when the quality gate rejects it.
 
-Thin over `posttrain.compress.int8`. Guarantees: the artifact is reloaded from disk before it is reported; its size
-and the uncompressed size are measured on disk; the logit difference is measured on a probe batch of real eval
-prompts (the first held-out rows), reloaded artifact against the uncompressed model, each prompt run alone.
+Thin over `posttrain.compress.api`. Guarantees: calibration uses the run's own training rows and measurement the
+held-out rows; every attempt is published as `compress.result.v1` with its measured size, perplexity, top-1 agreement
+and speed, and whether the gate accepted it and why; the stage's result is the first accepted artifact, or the task
+fails naming every rejected attempt with its numbers.
 """
 
 from __future__ import annotations
@@ -10,32 +12,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..bus.envelope import Envelope
-from ..compress.int8 import load_int8, quantize_model_to_dir
+from ..compress.api import compress
 from ..config import RunConfig
-from ..models.loading import is_reward_model, load_model, load_tokenizer, resolve_model_path, weights_size_bytes
-from ..data.tokenize import encode_prompt
 from ._io import read_jsonl
 from .runtime import AgentContext, TaskError
 
 
-def probe_difference(model: Any, reloaded: Any, tokenizer: Any, eval_path: str | None,
-                     rows: int = 4) -> tuple[float, bool]:
-    """Max |logit difference| between the uncompressed model and the reloaded artifact over the prompts of the first
-    held-out rows, each run alone (no padding counted); and whether every reloaded output is finite."""
-    prompts = [r["prompt"] for r in read_jsonl(eval_path, limit=rows)] if eval_path else []
-    if not prompts:
-        raise TaskError("no held-out prompts to measure the compressed model on")
-    worst, finite = 0.0, True
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([encode_prompt(tokenizer, prompt)])
-            a, b = model(input_ids=ids).logits, reloaded(input_ids=ids).logits
-            worst = max(worst, float((a - b).abs().max()))
-            finite = finite and bool(torch.isfinite(b).all())
-    return worst, finite
+def gate_verdict(report: dict[str, Any], min_top1: float | None, max_ppl_ratio: float | None) -> str | None:
+    """None when the artifact passes; else the reason, with the numbers."""
+    if min_top1 is not None and report["top1_agreement"] < min_top1:
+        return (f"top-1 agreement {report['top1_agreement']:.4f} over {report['positions']} held-out positions is "
+                f"below the required {min_top1:g}")
+    ratio = report["perplexity"] / report["base_perplexity"]
+    if max_ppl_ratio is not None and ratio > max_ppl_ratio:
+        return (f"held-out perplexity {report['perplexity']:.4g} is {ratio:.3f}x the aligned model's "
+                f"{report['base_perplexity']:.4g} (allowed {max_ppl_ratio:g}x)")
+    return None
 
 
 class CompressorAgent:
@@ -49,26 +42,31 @@ class CompressorAgent:
     def handle(self, env: Envelope, ctx: AgentContext) -> dict[str, Any] | None:
         if env.type != "task.assigned.v1":
             return None
-        source = env.data["params"]["model"]
-        method = self.config.compress.method
-        ctx.progress("compress", 0, 3, "loading")
-        if is_reward_model(source):
-            from ..align.reward_model import load_reward_model
-
-            model = load_reward_model(source)
-        else:
-            model = load_model(source, trust_remote_code=self.config.trust_remote_code)
-        tokenizer = load_tokenizer(source, trust_remote_code=self.config.trust_remote_code)
-        out = self.run_dir / "artifacts" / "compressed" / method
-        ctx.progress("compress", 1, 3, "quantizing")
-        quantize_model_to_dir(model, tokenizer, out)
-        ctx.progress("compress", 2, 3, "reloading")
-        reloaded = load_int8(out)
-        diff, reload_ok = probe_difference(model, reloaded, tokenizer, env.data["params"].get("eval_path"))
-        size, base = weights_size_bytes(out), weights_size_bytes(resolve_model_path(source))
-        ctx.publish("compress.result.v1", {"method": method, "path": str(out), "size_bytes": size,
-                                           "base_size_bytes": base, "reload_ok": reload_ok,
-                                           "max_abs_logit_diff": diff}, dataref=str(out))
-        ctx.progress("compress", 3, 3, "done")
-        return {"path": str(out), "method": method, "size_bytes": size, "base_size_bytes": base,
-                "reload_ok": reload_ok, "max_abs_logit_diff": diff}
+        p, opts = env.data["params"], self.config.compress
+        calibration = read_jsonl(p["train_path"], limit=256) if p.get("train_path") else []
+        heldout = read_jsonl(p["eval_path"], limit=16) if p.get("eval_path") else []
+        if not calibration or not heldout:
+            raise TaskError("compression needs the run's training rows (calibration) and held-out rows (measurement)")
+        methods = [opts.method, *opts.fallback]
+        rejected = []
+        for attempt, method in enumerate(methods):
+            ctx.progress("compress", attempt, len(methods), method)
+            out = self.run_dir / "artifacts" / "compressed" / method.replace(":", "-")
+            try:
+                report = compress(p["model"], method, out, calibration, heldout=heldout, options=opts.options)
+            except (ImportError, NotImplementedError, ValueError) as exc:
+                raise TaskError(f"{method}: {exc}") from exc
+            reason = gate_verdict(report, opts.min_top1_agreement, opts.max_perplexity_ratio)
+            ctx.publish("compress.result.v1", {
+                "method": method, "path": report["artifact"], "size_bytes": report["size_bytes"],
+                "base_size_bytes": report["base_size_bytes"], "reload_ok": True,
+                "perplexity": report["perplexity"], "base_perplexity": report["base_perplexity"],
+                "top1_agreement": report["top1_agreement"], "tokens_per_s": report["tokens_per_s"],
+                "load_seconds": report["load_seconds"], "runtime": report["runtime"],
+                "accepted": reason is None, "reason": reason}, dataref=report["artifact"])
+            if reason is None:
+                ctx.progress("compress", len(methods), len(methods), "done")
+                return {"path": report["artifact"], "method": method, "size_bytes": report["size_bytes"],
+                        "base_size_bytes": report["base_size_bytes"], "rejected": rejected}
+            rejected.append(f"{method}: {reason}")
+        raise TaskError("every compression method was rejected by the gate: " + "; ".join(rejected))

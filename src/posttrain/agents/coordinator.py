@@ -154,7 +154,8 @@ class Coordinator:
             return {"method": r["select"]["method"], "model": r["data"]["model"], "kind": r["data"]["kind"],
                     "train_path": r["data"]["train_path"]}
         if stage == "compress":
-            return {"model": r["train"]["checkpoint"], "eval_path": r["data"]["eval_path"]}
+            return {"model": r["train"]["checkpoint"], "eval_path": r["data"]["eval_path"],
+                    "train_path": r["data"]["train_path"]}
         if stage == "evaluate":
             models = {"aligned": r["train"]["checkpoint"]}
             if "compress" in r:

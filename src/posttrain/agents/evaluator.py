@@ -35,6 +35,12 @@ class EvaluatorAgent:
 
     def _load(self, ref: str):
         path = resolve_model_path(ref)
+        if path.endswith(".gguf"):  # transformers dequantizes GGUF tensors to fp32 on load
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            p = Path(path)
+            return (AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name),
+                    AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name))
         if is_int8_artifact(path):
             return load_int8(path), load_tokenizer(path)
         if is_reward_model(path):

@@ -156,6 +156,14 @@ class CompressResult(Payload):
     base_size_bytes: int
     reload_ok: bool
     max_abs_logit_diff: float | None = None  # measured on a probe batch, reloaded artifact vs original
+    perplexity: float | None = None
+    base_perplexity: float | None = None
+    top1_agreement: float | None = None
+    tokens_per_s: float | None = None
+    load_seconds: float | None = None
+    runtime: str | None = None
+    accepted: bool = True  # False: the compression gate rejected it and a milder method was tried
+    reason: str | None = None
 
 
 class Note(Payload):

@@ -4,7 +4,8 @@ Guarantees: every number is measured here and now — size on disk (weight files
 (wall clock of loading the artifact), generation speed (greedy tokens per second on a fixed prompt, with the runtime
 named), held-out perplexity of both models on the same token ids, and top-1 agreement (the share of held-out
 positions where both models' argmax agree). Perplexity is exp of the mean next-token NLL over every position after the
-first of each text, so both models are scored on exactly the same targets.
+first of each text (or over the completion tokens only, when the held-out rows have completions), so both models
+are scored on exactly the same targets.
 """
 
 from __future__ import annotations
@@ -48,19 +49,24 @@ def _logits(model: Any, ids: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compare_on_texts(base: Any, candidate: Any, token_ids: Sequence[list[int]]) -> tuple[float, float, float, int]:
-    """(candidate perplexity, base perplexity, top-1 agreement, positions) over the same held-out token ids."""
+def compare_on_texts(base: Any, candidate: Any,
+                     token_ids: Sequence[list[int] | tuple[list[int], int]]) -> tuple[float, float, float, int]:
+    """(candidate perplexity, base perplexity, top-1 agreement, positions) over the same held-out token ids.
+
+    An item is a list of ids (every token after the first is scored) or (ids, start): only tokens from index
+    `start` on are scored — e.g. a completion after its prompt, which is what the model was trained to produce."""
     nll_c = nll_b = 0.0
     agree = positions = 0
-    for ids in token_ids:
-        if len(ids) < 2:
+    for item in token_ids:
+        ids, start = (item, 1) if isinstance(item, list) else (list(item[0]), max(1, int(item[1])))
+        if len(ids) <= start:
             continue
-        target = torch.tensor(ids[1:])
-        lb, lc = _logits(base, ids)[:-1].cpu(), _logits(candidate, ids)[:-1].cpu()
+        target = torch.tensor(ids[start:])
+        lb, lc = _logits(base, ids)[start - 1:-1].cpu(), _logits(candidate, ids)[start - 1:-1].cpu()
         nll_b += float(torch.nn.functional.cross_entropy(lb, target, reduction="sum"))
         nll_c += float(torch.nn.functional.cross_entropy(lc, target, reduction="sum"))
         agree += int((lb.argmax(-1) == lc.argmax(-1)).sum())
-        positions += len(ids) - 1
+        positions += len(ids) - start
     if positions == 0:
         raise ValueError("no held-out text with at least two tokens to measure on")
     return math.exp(nll_c / positions), math.exp(nll_b / positions), agree / positions, positions
