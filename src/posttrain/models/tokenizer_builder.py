@@ -8,7 +8,8 @@ Guarantees of the returned ``PreTrainedTokenizerFast``:
   with an end of turn) and the role markers ``<|system|>``, ``<|user|>``, ``<|assistant|>``;
 - encoding plain text adds NO special tokens (no BOS, no EOS): the chat template writes the one BOS itself, so
   ``tokenizer(apply_chat_template(..., tokenize=False), add_special_tokens=False)`` has exactly one BOS;
-- the chat template is ``CHAT_TEMPLATE``: every assistant turn ends with eos, other turns with a newline, and the
+- the chat template is ``CHAT_TEMPLATE``: every assistant turn ends with eos; the newline written after other turns is removed by
+  transformers' Jinja settings (trim_blocks), so a user turn runs straight into the next role marker; and the
   rendered generation prompt is a prefix of the rendered conversation. Because the special tokens and the
   pre-tokenizer split at the turn boundary (``<|assistant|>`` is special, ``\\n`` is its own pre-token before
   text), tokenizing the prompt and the completion separately and concatenating gives the same ids as tokenizing
