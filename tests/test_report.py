@@ -36,8 +36,11 @@ def test_report_of_a_successful_run(tmp_path):
     assert t["metrics"]["loss"] == {"first": 2.0, "final": 1.0, "min": 1.0, "max": 2.0, "nonfinite": 0}
     assert t["metrics"]["reward"]["first"] == 0.1 and t["metrics"]["reward"]["final"] == 0.5
     assert t["metrics"]["kl"]["final"] == 0.03
+    # The log measured no quality for this artifact, so those keys are null (never a number), and nothing was rejected.
     assert r["compression"] == {"method": "int8", "path": "artifacts/int8", "reload_ok": True, "size_bytes": 1000,
-                                "base_size_bytes": 4000, "ratio": 0.25}
+                                "base_size_bytes": 4000, "ratio": 0.25, "perplexity": None,
+                                "base_perplexity": None, "top1_agreement": None, "tokens_per_s": None,
+                                "load_seconds": None, "runtime": None, "rejected": []}
     assert r["wall_s"] == 20.0 and r["started_at"] == runlogs.T0
     assert len(r["evals"]) == 3
 

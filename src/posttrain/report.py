@@ -11,7 +11,9 @@ Guarantees:
 report.json keys: run_id, status, method, rationale, runner_up, accuracy {base, aligned, compressed} each
 {value, n, metric} or null, sizes_bytes {aligned, compressed}, stages [{name, status, wall_s}], error
 {agent, task, reason} or null, data, training {method, steps, total_steps, last_step, metrics {name: {first, final,
-min, max, nonfinite}}}, compression {method, path, reload_ok, size_bytes, base_size_bytes, ratio} or null, evals (every eval
+min, max, nonfinite}}}, compression {method, path, reload_ok, size_bytes, base_size_bytes, ratio,
+perplexity, base_perplexity, top1_agreement, tokens_per_s, load_seconds, runtime (each null when not measured),
+rejected [{method, reason}]} or null, evals (every eval
 result), started_at, wall_s.
 """
 
