@@ -81,6 +81,46 @@ def _types(run_dir):
     return [e.envelope.type for e in read_events(run_dir / "events.sqlite")]
 
 
+STAGES = ["data", "select", "evaluate_base", "train", "compress", "evaluate"]
+
+
+def _check_log_up_to_failure(outcome, agent="trainer", stage="train"):
+    """The whole story of a failed run is in its log: seq numbers 1..N with no gap, every assignment of the stages
+    before the failure closed by exactly one completion (and nothing assigned after the failing stage), the failing
+    stage closed as failed, and run.finished.v1 the last event except the agents' own heartbeats as they stop,
+    naming the agent and the task. Returns the error the log holds (the report must say the same)."""
+    logged = list(read_events(outcome.run_dir / "events.sqlite"))
+    assert [e.seq for e in logged] == list(range(1, len(logged) + 1))
+    events = [e.envelope for e in logged]
+    types = [e.type for e in events]
+    assert types.count("run.finished.v1") == 1
+    end = types.index("run.finished.v1")
+    assert set(types[end + 1:]) <= {"agent.heartbeat.v1"}, types[end + 1:]
+    assigned = [e for e in events if e.type == "task.assigned.v1"]
+    assert [a.data["stage"] for a in assigned] == STAGES[:STAGES.index(stage) + 1]
+    assert [e.data["stage"] for e in events if e.type == "stage.started.v1"] == STAGES[:STAGES.index(stage) + 1]
+    failing = assigned[-1]
+    for a in assigned[:-1]:
+        replies = [(i, e) for i, e in enumerate(events) if e.type in ("task.completed.v1", "task.failed.v1")
+                   and e.correlation_id == a.correlation_id and e.causation_id == a.id]
+        assert len(replies) == 1 and replies[0][1].type == "task.completed.v1", a.data["stage"]
+        assert replies[0][0] < events.index(failing)
+    assert failing.target == agent
+    # The failing task never completes: a crash is answered by one task.failed, a hang or a death by nothing.
+    answers = [e.type for e in events if e.type in ("task.completed.v1", "task.failed.v1")
+               and e.correlation_id == failing.correlation_id and e.causation_id == failing.id]
+    assert answers in ([], ["task.failed.v1"]), answers
+    closed = [e for e in events if e.type == "stage.completed.v1" and e.data["task_id"] == failing.data["task_id"]]
+    assert len(closed) == 1 and closed[0].data["status"] == "failed" and events.index(closed[0]) < end
+    finished = events[end]
+    err = finished.data["error"]
+    assert finished.data["status"] == "failed" and finished.source == "coordinator"
+    assert err["agent"] == agent and err["task"] == failing.data["task_id"] and err["reason"]
+    assert closed[0].data["reason"] == err["reason"]
+    assert outcome.report["error"] == err
+    return err
+
+
 def test_successful_run_stage_order_and_one_completion_per_assignment(tmp_path):
     outcome, _ = _run(tmp_path, StandIn("trainer"))
     assert outcome.status == "succeeded"
@@ -98,8 +138,8 @@ def test_successful_run_stage_order_and_one_completion_per_assignment(tmp_path):
 def test_hung_agent_ends_the_run_with_a_clear_reason(tmp_path):
     outcome, wall = _run(tmp_path, Hangs("trainer"))
     assert outcome.status == "failed"
-    err = outcome.report["error"]
-    assert err["agent"] == "trainer" and err["task"].startswith("train-")
+    err = _check_log_up_to_failure(outcome)
+    assert err["task"].startswith("train-") and f"busy on task {err['task']}" in err["reason"]
     assert "no progress" in err["reason"] and "hung" in err["reason"]
     assert wall < 15
     types = _types(outcome.run_dir)
@@ -112,18 +152,18 @@ def test_crashing_agent_is_retried_then_the_run_fails_naming_it(tmp_path):
     crasher = Crashes("trainer")
     outcome, wall = _run(tmp_path, crasher)
     assert outcome.status == "failed" and crasher.tasks == 3
-    err = outcome.report["error"]
-    assert err["agent"] == "trainer" and "after 3 attempt(s)" in err["reason"] and "RuntimeError: boom" in err["reason"]
+    err = _check_log_up_to_failure(outcome)
+    assert "stage 'train' failed after 3 attempt(s)" in err["reason"] and "RuntimeError: boom" in err["reason"]
     types = _types(outcome.run_dir)
-    assert "event.deadlettered.v1" in types and "task.failed.v1" in types
+    assert "event.deadlettered.v1" in types and types.count("task.failed.v1") == 1
     assert wall < 15
 
 
 def test_agent_whose_thread_dies_ends_the_run(tmp_path):
     outcome, wall = _run(tmp_path, Dies("trainer"))
     assert outcome.status == "failed"
-    err = outcome.report["error"]
-    assert err["agent"] == "trainer" and "thread died" in err["reason"] and "SystemExit" in err["reason"]
+    err = _check_log_up_to_failure(outcome)
+    assert "thread died" in err["reason"] and "SystemExit" in err["reason"]
     assert wall < 15
 
 
@@ -132,7 +172,8 @@ def test_task_deadline_fails_the_run(tmp_path):
     config = config.model_copy(update={"task_timeout_s": 0.5})
     outcome = execute(config, view="quiet", agents=_cast(config, Hangs("trainer")))
     assert outcome.status == "failed"
-    assert "deadline" in outcome.report["error"]["reason"] and outcome.report["error"]["agent"] == "trainer"
+    err = _check_log_up_to_failure(outcome)
+    assert "stage 'train' passed its deadline of 0.5 s without a reply" in err["reason"]
 
 
 def test_gate_failures_name_the_metric_and_the_numbers():
