@@ -5,9 +5,6 @@ import json
 import math
 
 import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import posttrain.evaluate.loglikelihood as ll_mod
 from posttrain.evaluate.benchmarks import EvalContext, get_benchmark
@@ -234,23 +231,6 @@ def test_end_to_end_on_a_tiny_llama(name, tiny_tokenizer, make_llama, datasets_d
     result = get_benchmark(name)(EvalContext(make_llama(), tiny_tokenizer, data_dir=datasets_dir, limit=3,
                                              batch_size=4, max_length=96))
     check(result, name, 3)
-
-
-@pytest.fixture(scope="module")
-def gpt2_and_bpe(datasets_dir):
-    """GPT-2 (learned positions) with a byte-level BPE trained here, GPT-2 style: one <|endoftext|>, no pad."""
-    files = sorted((datasets_dir / "mmlu" / "dev").iterdir())[:20]
-    corpus = [line for p in files for line in p.read_text().splitlines()]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                            show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=80, n_embd=32, n_layer=2, n_head=4)).eval()
-    return model, tok
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)

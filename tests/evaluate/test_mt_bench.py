@@ -7,10 +7,14 @@ import pytest
 
 from posttrain.evaluate.benchmarks import EvalContext, get_benchmark
 from posttrain.evaluate.benchmarks import mt_bench
+from posttrain.data.tokenize import render_prompt
 from posttrain.evaluate.benchmarks.mt_bench import TEMPERATURES, load_questions, load_references
+from posttrain.evaluate.generation import generate_until
 from posttrain.evaluate.harness import BenchmarkUnavailable
-from posttrain.evaluate.judges import (COMPARABLE, NOT_GPT4, JudgeError, LocalJudge, OpenAICompatibleJudge,
-                                        judge_from_options)
+from posttrain.evaluate.judge_parsing import checked_rating
+from posttrain.evaluate.judges import (COMPARABLE, LOCAL_JUDGE_CAVEAT, NOT_GPT4, JudgeError, LocalJudge,
+                                        OpenAICompatibleJudge, judge_from_options)
+from posttrain.evaluate.stats import Z95
 
 run_mt_bench = get_benchmark("mt_bench")
 SECRET = "sk-test-secret-0123456789"
@@ -212,6 +216,93 @@ def test_tiny_local_model_as_answerer_and_judge(make_llama, tiny_tokenizer, data
     # The judge prompts are far longer than the tiny model's 256 positions: the cut is counted and reported.
     assert s["judge"]["prompts_truncated"] == 6
     assert all(x["judge_prompt"].startswith("single-") for x in result.samples)
+
+
+def test_mock_endpoint_judges_the_answers_the_model_generated(make_llama, tiny_tokenizer, datasets_dir,
+                                                              monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    model = make_llama()
+    subset = mt_bench.subsample(load_questions(datasets_dir), 5, 3)
+    failing = subset[0]["turns"][0]  # both judgments of the first question get a reply without a rating
+
+    def policy(system, user):
+        if failing in user:
+            return "No idea."
+        return "Rating: [[4]]" if MULTI in user else "Rating: [[9]]"
+
+    with MockJudgeServer(policy) as server:
+        assert server.httpd.server_address[0] == "127.0.0.1"
+        result = run_mt_bench(_ctx(model, tiny_tokenizer, datasets_dir, 5, judge="openai:mock-judge",
+                                   judge_base_url=server.base_url, max_new_tokens=5))
+    s = result.settings
+    assert s["answers"] == "generated" and s["chat_template"] is True
+    assert s["question_ids"] == [q["question_id"] for q in subset]
+    # What was judged is what the model generated: greedy or seeded, so generating again gives the same answers.
+    expected, _ = mt_bench.generate_answers(model, tiny_tokenizer, subset, max_new_tokens=5, max_length=256,
+                                            batch_size=16, seed=3)
+    assert len(server.requests) == 10 and len(result.samples) == 10
+    for sample, request in zip(result.samples, server.requests):
+        answer = expected[sample["question_id"]][sample["turn"] - 1]
+        assert sample["answer"] == answer and answer in request["messages"][1]["content"]
+    assert s["judge_failures"] == 2 and s["judge_failure_reasons"] == {"no [[rating]] in the judge output": 2}
+    assert [(x["question_id"], x["turn"]) for x in result.samples if x["rating"] is None] == \
+        [(subset[0]["question_id"], 1), (subset[0]["question_id"], 2)]
+    t1, t2, score = result.metrics["score_turn1"], result.metrics["score_turn2"], result.metrics["score"]
+    assert (t1.value, t1.n, t1.ci_low, t1.ci_high) == (9.0, 4, 9.0, 9.0)
+    assert (t2.value, t2.n, t2.ci_low, t2.ci_high) == (4.0, 4, 4.0, 4.0)
+    # Four 9s and four 4s: sd = sqrt(8 * 2.5^2 / 7), interval mean +- z * sd / sqrt(8).
+    half = Z95 * (8 * 2.5 ** 2 / 7) ** 0.5 / 8 ** 0.5
+    assert score.value == 6.5 and score.n == 8
+    assert score.ci_low == pytest.approx(6.5 - half) and score.ci_high == pytest.approx(6.5 + half)
+    assert s["judge"]["kind"] == "openai-compatible" and s["judge"]["model"] == "mock-judge"
+    assert s["judge"]["base_url"] == server.base_url and "judge: openai-compatible mock-judge" in result.notes
+
+
+def test_gpt2_with_its_own_bpe_and_chat_template_answers_and_judges_itself(gpt2_chat, datasets_dir):
+    model, tok = gpt2_chat
+    assert tok.pad_token_id is None and tok.chat_template
+    # max_length None: the budget is GPT-2's own 80 positions, for the answers and for the self judge
+    ctx = EvalContext(model=model, tokenizer=tok, data_dir=datasets_dir, limit=4, seed=3, batch_size=4,
+                      options={"max_new_tokens": 6, "judge": "self", "judge_max_new_tokens": 8})
+    result = run_mt_bench(ctx)
+    s = result.settings
+    assert (s["mode"], s["answers"], s["chat_template"], s["questions"], s["of"]) == \
+        ("single", "generated", True, 4, 80)
+    subset = mt_bench.subsample(load_questions(datasets_dir), 4, 3)
+    assert s["question_ids"] == [q["question_id"] for q in subset]
+    assert s["judgments"] == 8 and [(x["question_id"], x["turn"]) for x in result.samples] == \
+        [(q["question_id"], t) for q in subset for t in (1, 2)]
+    for x in result.samples:
+        assert {"question", "answer", "judge_prompt", "judge_output", "rating", "failure"} <= set(x)
+        assert (x["rating"], x["failure"]) == checked_rating(x["judge_output"])
+
+    # The turn-1 answers of the greedy categories, generated again from the chat-template rendering as one batch.
+    greedy = [q for q in subset if TEMPERATURES[q["category"]] == 0.0]
+    assert greedy
+    contexts = [render_prompt(tok, [{"role": "user", "content": q["turns"][0]}]) for q in greedy]
+    assert all(c.startswith("user: ") and c.endswith("assistant:") for c in contexts)
+    again = generate_until(model, tok, contexts, until=[], max_new_tokens=6, max_length=80, batch_size=4,
+                           add_special_tokens=False)
+    by_id = {(x["question_id"], x["turn"]): x["answer"] for x in result.samples}
+    assert [by_id[(q["question_id"], 1)] for q in greedy] == [o[0].strip() for o in again]
+
+    # Failed parses are excluded and counted; whatever parsed is averaged over exactly those.
+    parsed = [x["rating"] for x in result.samples if x["rating"] is not None]
+    assert s["judge_failures"] == 8 - len(parsed) == sum(s["judge_failure_reasons"].values())
+    if parsed:
+        assert result.metrics["score"].n == len(parsed)
+        assert result.metrics["score"].value == pytest.approx(sum(parsed) / len(parsed))
+    else:
+        assert result.metrics == {} and s["not_measured"] == ["score", "score_turn1", "score_turn2"]
+    # The judge is recorded: the model itself, its size, its context, and the caveats in the notes.
+    judge = s["judge"]
+    assert (judge["kind"], judge["model"], judge["gpt4_judged"], judge["max_length"]) == \
+        ("local", "self (the evaluated model)", False, 80)
+    assert judge["parameters"] == sum(p.numel() for p in model.parameters())
+    assert judge["prompts_truncated"] == 8  # every judge prompt is longer than 80 tokens
+    assert "judge: local self (the evaluated model)" in result.notes and COMPARABLE in result.notes
+    assert NOT_GPT4 in result.notes
+    assert f"local judge with {judge['parameters']:,} parameters: {LOCAL_JUDGE_CAVEAT}" in result.notes
 
 
 def test_pairwise_with_a_second_local_model(make_llama, tiny_tokenizer, datasets_dir):

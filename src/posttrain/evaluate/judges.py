@@ -13,7 +13,8 @@ Guarantees:
   connection errors, timeouts) are retried `max_retries` times; any remaining failure raises `JudgeError` naming
   the URL, the status and the start of the response body.
 - `describe()` always says which judge it is, that scores are only comparable under the same judge, and, unless an
-  endpoint's model name says gpt-4, that the scores are not GPT-4-judged (a local model never is).
+  endpoint's model name says gpt-4, that the scores are not GPT-4-judged (a local model never is). A local judge's
+  description also carries its parameter count and the caveat that a small model's judgments say little.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from .generation import encode_context, generate_until
 
 COMPARABLE = "MT-Bench scores are only comparable under the same judge"
 NOT_GPT4 = "not GPT-4-judged: absolute numbers are not comparable to published MT-Bench scores"
+LOCAL_JUDGE_CAVEAT = ("ratings are only as informative as the judge; a small local model's judgments say little "
+                      "about answer quality, and a tiny model's scores show only that the machinery runs")
 
 
 class JudgeError(RuntimeError):
@@ -100,13 +103,22 @@ class LocalJudge:
         return self.complete_batch([(system, user)])[0]
 
     def describe(self) -> dict[str, Any]:
-        notes = []
+        params = _parameter_count(self.model)
+        # The size is measured, not judged: the reader decides what it means, with the caveat beside it.
+        notes = [f"local judge with {params:,} parameters: {LOCAL_JUDGE_CAVEAT}" if params is not None
+                 else f"local judge: {LOCAL_JUDGE_CAVEAT}"]
         if self.truncated:
             notes.append(f"{self.truncated} of {self.calls} judge prompts were cut from the left to fit the judge's "
                          f"context of {self.max_length} tokens")
         return _description("local", self.name, False,
                             {"max_new_tokens": self.max_new_tokens, "max_length": self.max_length,
-                             "prompts_truncated": self.truncated, "decoding": "greedy"}, notes)
+                             "prompts_truncated": self.truncated, "decoding": "greedy", "parameters": params},
+                            notes)
+
+
+def _parameter_count(model: Any) -> int | None:
+    parameters = getattr(model, "parameters", None)
+    return sum(p.numel() for p in parameters()) if callable(parameters) else None
 
 
 _TRANSIENT = {408, 429, 500, 502, 503, 504}
