@@ -113,6 +113,33 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _humaneval_sampling(num_samples: int | None, ks: str | None, names: list[str]) -> dict:
+    """HumanEval's `num_samples` / `ks` options from the flags, refused (ValueError) before any model loads."""
+    if num_samples is None and ks is None:
+        return {}
+    if "humaneval" not in names:
+        raise ValueError("--num-samples and --ks apply to humaneval, which is not in --benchmarks")
+    n = 1 if num_samples is None else num_samples
+    if n < 1:
+        raise ValueError(f"--num-samples must be at least 1, got {n}")
+    options: dict = {"num_samples": n}
+    if ks is not None:
+        values = []
+        for item in (k.strip() for k in ks.split(",")):
+            try:
+                values.append(int(item))
+            except ValueError:
+                raise ValueError(f"--ks must be comma-separated integers such as 1,10; got {item!r}") from None
+        for k in values:
+            if k < 1:
+                raise ValueError(f"--ks {k}: k must be at least 1")
+            if k > n:  # the unbiased estimator needs at least k samples per problem
+                raise ValueError(f"--ks {k} exceeds --num-samples {n}: pass@{k} needs at least {k} samples per "
+                                 "problem")
+        options["ks"] = values
+    return options
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -120,7 +147,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .models.loading import load_model, load_tokenizer, resolve_device
 
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
-    options: dict = {"allow_code_execution": args.allow_code_execution}
+    options: dict = {"allow_code_execution": args.allow_code_execution,
+                     **_humaneval_sampling(args.num_samples, args.ks, names)}
     if args.judge:
         options["judge"] = args.judge
     if args.judge_base_url:
@@ -235,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", action="store_true", help="render prompts through the model's chat template")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="HumanEval: run model-written code (sandboxed child processes); off by default")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="HumanEval: samples per problem (default 1: greedy; n > 1: sampled, temperature 0.2, top_p "
+                        "0.95)")
+    p.add_argument("--ks", default=None,
+                   help="HumanEval: comma-separated k for pass@k, e.g. 1,10, each at most --num-samples (default "
+                        "1,10,100, those <= n)")
     p.add_argument("--judge", default=None, help="MT-Bench judge: self | local:PATH | openai:MODEL")
     p.add_argument("--judge-base-url", default=None, help="OpenAI-compatible endpoint for --judge openai:MODEL "
                                                           "(key from $OPENAI_API_KEY)")

@@ -6,6 +6,8 @@ import json
 import pytest
 
 from posttrain.cli import main
+from posttrain.evaluate.benchmarks.humaneval import pass_at_k
+from posttrain.evaluate.stats import mean_interval
 
 pytestmark = pytest.mark.slow
 
@@ -45,3 +47,48 @@ def test_humaneval_without_the_opt_in_is_skipped_not_run(datasets_dir, tmp_path,
                  "--limit", "2", "--output", str(out), "--quiet"]) == 0
     result = json.loads(out.read_text())
     assert result["results"] == {} and "allow" in result["skipped"]["humaneval"].lower()
+
+
+def test_humaneval_pass_at_k_from_the_cli(datasets_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", "embedded", "--benchmarks", "humaneval", "--data-dir", str(datasets_dir),
+                 "--limit", "2", "--allow-code-execution", "--num-samples", "3", "--ks", "1,2",
+                 "--max-new-tokens", "16", "--output", str(out), "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    settings = result["settings"]["humaneval"]
+    assert settings["num_samples"] == 3 and settings["ks"] == [1, 2] and settings["n_problems"] == 2
+    assert settings["decoding"] == f"sampling temperature=0.2 top_p=0.95 seed={1234}"
+    metrics = result["results"]["humaneval"]
+    assert set(metrics) == {"pass@1", "pass@2"}
+    # Each value recomputed from the per-sample records: the unbiased estimator per problem, a bounded mean over
+    # the problems with its normal interval.
+    samples = [json.loads(line) for line in open(result["samples_path"])]
+    assert len(samples) == 6 and {s["sample_index"] for s in samples} == {0, 1, 2}
+    correct = {}
+    for s in samples:
+        correct[s["task_id"]] = correct.get(s["task_id"], 0) + int(s["passed"])
+    for k in (1, 2):
+        value, lo, hi = mean_interval([pass_at_k(3, c, k) for c in correct.values()], 0.0, 1.0)
+        assert metrics[f"pass@{k}"] == {"value": value, "n": 2, "ci_low": lo, "ci_high": hi}
+    printed = capsys.readouterr().out
+    assert f"humaneval        pass@2                   {metrics['pass@2']['value']:.4f}  n=2" in printed
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-samples", "3", "--ks", "1,10"], "--ks 10 exceeds --num-samples 3: pass@10 needs at least 10 samples"),
+    (["--ks", "2"], "--ks 2 exceeds --num-samples 1"),
+    (["--num-samples", "4", "--ks", "1,x"], "--ks must be comma-separated integers such as 1,10; got 'x'"),
+    (["--num-samples", "4", "--ks", "0"], "--ks 0: k must be at least 1"),
+    (["--num-samples", "0"], "--num-samples must be at least 1, got 0"),
+])
+def test_pass_at_k_flags_are_checked_before_anything_runs(flags, message, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", "embedded", "--benchmarks", "humaneval", "--allow-code-execution",
+                 "--output", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_pass_at_k_flags_need_humaneval(tmp_path, capsys):
+    assert main(["eval", "--model", "embedded", "--benchmarks", "gsm8k", "--num-samples", "5",
+                 "--output", str(tmp_path / "eval.json")]) == 2
+    assert "--num-samples and --ks apply to humaneval" in capsys.readouterr().err
