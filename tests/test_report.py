@@ -100,3 +100,33 @@ def test_a_run_without_run_finished_is_failed_and_says_why(tmp_path):
 def test_missing_log_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="events.sqlite"):
         build_report(tmp_path / "nope")
+
+
+def test_benchmark_table_shows_each_value_with_its_interval(tmp_path):
+    """Each cell carries its 95% interval; a mean of one item has none; differing n are listed per model."""
+    from posttrain.evaluate.benchmarks.base import Metric
+
+    w = runlogs.Writer(tmp_path / "b", run_id="run-bench")
+    runlogs.start(w)
+    # The intervals are the harness's own for these counts and ratings (Wilson; normal clipped to 1-10).
+    logged = [("arc_easy", "acc", "base", Metric.proportion(2, 8)),
+              ("arc_easy", "acc", "aligned", Metric.proportion(3, 8)),
+              ("mt_bench", "score", "base", Metric.mean([1, 2, 3, 4, 5], 1.0, 10.0)),
+              ("mt_bench", "score", "aligned", Metric.mean([2, 4], 1.0, 10.0)),
+              ("mt_bench", "score", "compressed", Metric.mean([7], 1.0, 10.0))]
+    for i, (bench, metric, model, m) in enumerate(logged):
+        w.emit(1.0 + i, "eval.result.v1", "evaluator", {"model": model, "metric": metric, "benchmark": bench,
+                                                        "path": f"artifacts/{model}", **m.as_dict()})
+    w.emit(9.0, "run.finished.v1", "coordinator", {"status": "succeeded"})
+    w.close()
+    md_path, json_path = write_report(tmp_path / "b")
+    r = json.loads(json_path.read_text())
+    assert r["benchmarks"]["mt_bench/score"]["compressed"] == {"value": 7.0, "n": 1, "ci_low": None, "ci_high": None}
+    lines = md_path.read_text().splitlines()
+    table = lines[lines.index("## Benchmarks") + 2:lines.index("## Benchmarks") + 6]
+    assert table == [
+        "| benchmark / metric | base [95% CI] | aligned [95% CI] | compressed [95% CI] | n |",
+        "|---|---|---|---|---|",
+        "| arc_easy/acc | 0.250 [0.071, 0.591] | 0.375 [0.137, 0.694] | not measured | 8 |",
+        "| mt_bench/score | 3.000 [1.614, 4.386] | 3.000 [1.040, 4.960] | 7.000 (no interval) | 5 / 2 / 1 |",
+    ]

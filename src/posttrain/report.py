@@ -131,6 +131,24 @@ def _acc(entry: dict[str, Any] | None) -> str:
     return NOT_MEASURED if entry is None else f"{entry['value']:.3f}"
 
 
+def _with_interval(entry: dict[str, Any] | None) -> str:
+    """A benchmark cell: the value and its 95% interval; a mean over fewer than two items has none, and says so."""
+    if not entry:
+        return NOT_MEASURED
+    if entry.get("ci_low") is None or entry.get("ci_high") is None:
+        return f"{entry['value']:.3f} (no interval)"
+    return f"{entry['value']:.3f} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]"
+
+
+def _benchmark_n(per_model: dict[str, Any]) -> str:
+    # One n when every measured model has it; otherwise each model's (MT-Bench counts only the parsed judgments).
+    ns = [per_model[m]["n"] if per_model.get(m) else None for m in MODELS]
+    measured = {n for n in ns if n is not None}
+    if len(measured) == 1:
+        return str(measured.pop())
+    return " / ".join("-" if n is None else str(n) for n in ns)
+
+
 def _num(v: Any, fmt: str = "{:.4g}") -> str:
     return NOT_MEASURED if v is None else fmt.format(v)
 
@@ -162,11 +180,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     chain = " → ".join(_acc(r["accuracy"].get(m)) for m in MODELS)
     lines += ["", f"base → aligned → compressed: {chain}", ""]
     if r.get("benchmarks"):
-        lines += ["## Benchmarks", "", "| benchmark / metric | base | aligned | compressed | n |", "|---|---|---|---|---|"]
+        lines += ["## Benchmarks", "", "| benchmark / metric | base [95% CI] | aligned [95% CI] | compressed [95% CI] "
+                  "| n |", "|---|---|---|---|---|"]
         for key, per_model in r["benchmarks"].items():
-            cells = [_acc(per_model.get(m)) if per_model.get(m) else NOT_MEASURED for m in MODELS]
-            n = next((v["n"] for v in per_model.values()), "-")
-            lines.append(f"| {key} | {' | '.join(cells)} | {n} |")
+            cells = [_with_interval(per_model.get(m)) for m in MODELS]
+            lines.append(f"| {key} | {' | '.join(cells)} | {_benchmark_n(per_model)} |")
         lines.append("")
     sizes = r["sizes_bytes"]
     lines += ["## Sizes", "", "| model | size |", "|---|---|"]
