@@ -26,6 +26,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from .compress.llmc import QuantExtraMissing  # import-light: llm-compressor itself is imported only when used
 from .config import ConfigError, load_config, parse_overrides
 
 
@@ -191,8 +192,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_compress(args: argparse.Namespace) -> int:
     import json
 
-    from .compress.api import compress
+    from .compress.api import compress, parse_method
 
+    method = parse_method(args.method)  # an unknown method is refused before any data or model is read
+    if method.family == "gguf":
+        from .compress.gguf_export import LLAMA_CPP_TYPES, find_llama_quantizer
+
+        if method.variant.upper() in LLAMA_CPP_TYPES:
+            try:
+                find_llama_quantizer()
+            except RuntimeError as exc:  # neither llama-cpp-python nor llama-quantize: say what to install, stop
+                print(f"posttrain: {exc}", file=sys.stderr)
+                return 2
     if args.calibration:
         from .data import prepare
 
@@ -335,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compress":
             return _cmd_compress(args)
         return _cmd_embedded(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, QuantExtraMissing) as exc:  # QuantExtraMissing names the install command
         print(f"posttrain: {exc}", file=sys.stderr)
         return 2
     except sqlite3.Error as exc:
