@@ -142,14 +142,19 @@ def test_gptq_beats_rtn_and_writes_pack_quantized(tiny):
     torch.testing.assert_close(reloaded.lm_head.weight, tiny.reference.lm_head.weight)
 
 
-def test_reloaded_checkpoint_reproduces_the_in_memory_model(tiny):
-    model, tokenizer = llmc._load(tiny.base)
-    llmc.apply_recipe(model, tokenizer, llmc.gptq_recipe(), tiny.calib, num_samples=N_CALIB, max_seq_length=SEQ)
+# GPTQ at the default group size 128 on the base model; AWQ on the outlier model (what it is built for) at group 32,
+# under the CPU pin-memory guard (apply_recipe's default) when no accelerator exists.
+@pytest.mark.parametrize("method,source,group_size", [("gptq", "base", 128), ("awq", "outliers", 32)])
+def test_reloaded_checkpoint_reproduces_the_in_memory_model(tiny, method, source, group_size):
+    model, tokenizer = llmc._load(getattr(tiny, source))
+    recipe = (llmc.gptq_recipe if method == "gptq" else llmc.awq_recipe)(group_size=group_size)
+    llmc.apply_recipe(model, tokenizer, recipe, tiny.calib, num_samples=N_CALIB, max_seq_length=SEQ)
     batch = batch_of(tiny.tokenizer, tiny.held_out)
     in_memory = logits_of(model, batch)
-    out = llmc.save_compressed(model, tokenizer, tiny.root / "gptq128", quantized=True)
-    group = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
-    assert group["weights"]["group_size"] == 128
+    out = llmc.save_compressed(model, tokenizer, tiny.root / f"{method}{group_size}_in_memory", quantized=True)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert qc["config_groups"]["group_0"]["weights"]["group_size"] == group_size
     reloaded = logits_of(load(out), batch)
     torch.testing.assert_close(reloaded, in_memory, rtol=0, atol=1e-5)
     assert not torch.allclose(in_memory, logits_of(tiny.reference, batch), atol=1e-3)  # it is quantized
