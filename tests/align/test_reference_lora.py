@@ -1,5 +1,6 @@
-"""LoRA policies: every reference mode equals the policy at step 0 (pitfall 17), only the adapter trains, the
-reference never leaves the policy switched, and saved adapters / merged models reproduce the adapted model."""
+"""LoRA policies: every reference mode equals the policy at step 0 (pitfall 17), only the adapter trains (with every
+technique: SFT, DPO, IPO, SimPO, ORPO, KTO, GRPO here, the reward model in test_reward_model.py), the reference never
+leaves the policy switched, and saved adapters / merged models reproduce the adapted model."""
 
 import math
 
@@ -171,3 +172,43 @@ def test_save_lora_merged_and_adapter_reproduce_the_adapted_model(tiny_tokenizer
         assert torch.equal(reloaded(input_ids=ids).logits, expected)
     assert _trainable(reloaded) and all("lora_" in n for n in _trainable(reloaded))
     assert _trainable(load_adapter(make_llama(), adapter_dir, trainable=False)) == set()
+
+
+def _train_with_lora(method, model, tokenizer, rows, options):
+    """One LoRA policy trained by `method` (dpo, grpo and rm have their own tests above and in test_reward_model)."""
+    from posttrain.align.kto import KTOSettings, train_kto, unpair_preferences
+    from posttrain.align.sft import train_sft
+
+    if method == "sft":
+        return train_sft(model, tokenizer, [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows], options)
+    if method == "kto":  # "auto" with a fresh adapter: the base with the adapter disabled is the reference
+        return train_kto(model, tokenizer, unpair_preferences(rows, seed=0), options, KTOSettings(reference="auto"))
+    return train_preference(model, tokenizer, rows, options, PreferenceSettings(method=method, reference="auto"))
+
+
+@pytest.mark.parametrize("method", ["sft", "ipo", "simpo", "orpo", "kto"])
+def test_lora_trains_only_the_adapter_and_saves_what_it_trained(method, tiny_tokenizer, make_llama, rows, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _lora(make_llama)
+    trainable = _trainable(model)
+    before = _snapshot(model)
+    result = _train_with_lora(method, model, tiny_tokenizer, rows, TrainOptions(steps=3, batch_size=4, lr=1e-2))
+    assert result.steps == 3 and all(math.isfinite(h["loss"]) for h in result.history)
+    assert _trainable(model) == trainable and trainable and all(".default." in n for n in trainable)
+    for name, p in model.named_parameters():
+        if name in trainable:
+            assert not torch.equal(before[name], p.detach()), f"adapter weight {name} did not change"
+        else:
+            assert torch.equal(before[name], p.detach()), f"frozen base weight {name} changed"
+
+    model.eval()
+    ids = torch.tensor([tiny_tokenizer.encode("Sam has 3 apples and buys 4 more.")])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    adapter_dir, merged_dir = save_lora(model, tiny_tokenizer, tmp_path)
+    reloaded = load_adapter(make_llama(), adapter_dir)  # the same seed: the same base weights
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, expected)
+        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=0)  # W + BA, summed once
