@@ -144,7 +144,7 @@ def _humaneval_sampling(num_samples: int | None, ks: str | None, names: list[str
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from .evaluate.harness import run_benchmarks
+    from .evaluate.harness import generation_cap, run_benchmarks
     from .models.loading import load_model, load_tokenizer, resolve_device
 
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
@@ -159,8 +159,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.chat_template:
         options["chat_template"] = True
     if args.max_new_tokens is not None:  # one cap for every generative benchmark (and the MT-Bench judge)
-        options.update(max_new_tokens=args.max_new_tokens, max_gen_toks=args.max_new_tokens,
-                       judge_max_new_tokens=args.max_new_tokens)
+        options.update(generation_cap(args.max_new_tokens))
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     model = load_model(args.model, trust_remote_code=args.trust_remote_code).to(resolve_device(args.device))
     output = Path(args.output)

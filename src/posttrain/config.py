@@ -145,6 +145,13 @@ class EvalOptions(_Strict):
     allow_code_execution: bool = Field(False, description="HumanEval runs model-written code in a sandbox: opt in")
     judge: str | None = Field(None, description="MT-Bench judge: self | local:PATH | openai:MODEL")
     judge_base_url: str | None = None
+    mt_bench_pairwise: bool = Field(False, description="with mt_bench in benchmarks: also judge the aligned model's "
+                                    "MT-Bench answers against the base model's (each pair twice, positions swapped); "
+                                    "win/tie/loss with n go to the log and the report as mt_bench_vs_base")
+    benchmark_max_new_tokens: int | None = Field(None, ge=1, description="cap generation for gsm8k, humaneval, "
+                                                 "mt_bench and the MT-Bench judge, as `posttrain eval "
+                                                 "--max-new-tokens` (None: each benchmark's standard; MT-Bench's "
+                                                 "1024 needs a context longer than 1024)")
     gate: dict[str, float] = Field(default_factory=dict, description="maximum allowed drop per metric, e.g. "
                                    "{'task': 0.05, 'gsm8k/exact_match_strict': 0.02}: aligned vs base and compressed "
                                    "vs aligned; a larger drop fails the run with the numbers ('task' = the run's "

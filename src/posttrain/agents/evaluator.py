@@ -3,7 +3,9 @@
 Thin over `posttrain.evaluate`. Verifiable rows -> exact match of the `#### N` answer under greedy generation;
 preference rows -> pairwise accuracy (chosen scored above rejected); demonstrations -> teacher-forced token accuracy;
 any other kind -> nothing is measured, and a note says so. Every value comes with its n and per-sample
-records under `artifacts/eval/`.
+records under `artifacts/eval/`. The configured standard benchmarks run on each model; with
+`evaluate.mt_bench_pairwise`, the aligned model's MT-Bench answers are also judged against the base model's (pairwise,
+positions swapped), logged as benchmark `mt_bench_vs_base` with the win/tie/loss counts in a note.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from ..bus.envelope import Envelope
 from ..compress.int8 import is_int8_artifact, load_int8
 from ..config import RunConfig
 from ..evaluate.exact_match import evaluate_exact_match
-from ..evaluate.harness import run_benchmarks
+from ..evaluate.benchmarks.mt_bench import answers_from_samples
+from ..evaluate.harness import generation_cap, run_benchmarks
 from ..evaluate.pairwise import evaluate_pairwise
 from ..evaluate.token_accuracy import evaluate_token_accuracy
 from ..models.loading import is_reward_model, load_model, load_tokenizer, resolve_device, resolve_model_path
@@ -23,6 +26,7 @@ from ._io import read_jsonl
 from .runtime import AgentContext, TaskError
 
 METRIC_OF_KIND = {"verifiable": "exact_match", "preference": "pairwise_accuracy", "sft": "token_accuracy"}
+PAIRWISE = "mt_bench_vs_base"  # the benchmark name the aligned-vs-base MT-Bench comparison is logged under
 
 
 class EvaluatorAgent:
@@ -115,32 +119,69 @@ class EvaluatorAgent:
         opts = self.config.evaluate
         if not opts.benchmarks or is_reward_model(resolve_model_path(ref)):
             return {}
-        samples = self.run_dir / "artifacts" / "eval" / f"{name}.benchmarks.jsonl"
-        options = {"allow_code_execution": opts.allow_code_execution}
+        samples = self._benchmark_samples(name)
+        options: dict[str, Any] = {"allow_code_execution": opts.allow_code_execution}
         if opts.judge:
             options["judge"] = opts.judge
         if opts.judge_base_url:
             options["judge_base_url"] = opts.judge_base_url
+        if opts.benchmark_max_new_tokens is not None:
+            options.update(generation_cap(opts.benchmark_max_new_tokens))
 
         def progress(bench: str, done: int, total: int) -> None:
             ctx.progress(stage, done, total, f"{name}: {bench}")
 
-        out = run_benchmarks(model, tokenizer, list(opts.benchmarks), data_dir=opts.data_dir,
-                             limit=opts.benchmark_limit, seed=self.config.seed, batch_size=opts.batch_size,
-                             options=options, samples_path=samples, model_name=str(ref), progress=progress)
+        run = dict(data_dir=opts.data_dir, limit=opts.benchmark_limit, seed=self.config.seed,
+                   batch_size=opts.batch_size, model_name=str(ref), progress=progress)
+        out = run_benchmarks(model, tokenizer, list(opts.benchmarks), options=options, samples_path=samples, **run)
+        measured = self._publish(ctx, name, ref, out, samples)
+        if opts.mt_bench_pairwise and name == "aligned" and "mt_bench" in out["settings"]:
+            measured.update(self._mt_bench_vs_base(ctx, ref, model, tokenizer, options, samples, run))
+        return measured
+
+    def _benchmark_samples(self, name: str) -> Path:
+        return self.run_dir / "artifacts" / "eval" / f"{name}.benchmarks.jsonl"
+
+    def _mt_bench_vs_base(self, ctx: AgentContext, ref: str, model: Any, tokenizer: Any, options: dict[str, Any],
+                          samples: Path, run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """The aligned model's MT-Bench answers against the base model's, pairwise with positions swapped.
+
+        Both sides are the answers their single-mode runs already scored (read back from the samples files: the
+        same seeded questions), so nothing is generated again; only the judge runs."""
+        base_path = self._benchmark_samples("base")
+        aligned = answers_from_samples(read_jsonl(samples))
+        base = answers_from_samples(read_jsonl(base_path)) if base_path.exists() else {}
+        missing = sorted(set(aligned) - set(base))
+        if not aligned or missing:
+            ctx.publish("run.note.v1", {"level": "warning", "text": (
+                f"aligned vs base: {PAIRWISE} not measured: the base model's MT-Bench answers "
+                + (f"to questions {missing} " if base else "") + f"are not in {base_path} (the evaluate_base "
+                "stage must run mt_bench)")})
+            return {}
+        pair_samples = self.run_dir / "artifacts" / "eval" / "aligned.mt_bench_vs_base.jsonl"
+        out = run_benchmarks(model, tokenizer, ["mt_bench"], samples_path=pair_samples,
+                             options={**options, "mode": "pairwise", "answers": aligned, "baseline_answers": base,
+                                      "baseline_name": "base"}, **run)
+        return self._publish(ctx, "aligned", ref, out, pair_samples, label=PAIRWISE)
+
+    def _publish(self, ctx: AgentContext, name: str, ref: str, out: dict[str, Any], samples: Path,
+                 label: str | None = None) -> dict[str, dict[str, Any]]:
+        """Each metric of a `run_benchmarks` result as eval.result.v1 (under `label` when given), skips and notes
+        as run.note.v1; returns {"bench/metric": payload}."""
         measured = {}
         for bench, metrics in out["results"].items():
             for metric, m in metrics.items():
-                payload = {"model": name, "metric": metric, "benchmark": bench, "value": float(m["value"]),
+                payload = {"model": name, "metric": metric, "benchmark": label or bench, "value": float(m["value"]),
                            "n": int(m["n"]), "ci_low": m["ci_low"], "ci_high": m["ci_high"], "path": str(ref),
                            "samples_path": str(samples)}
                 ctx.publish("eval.result.v1", payload)
-                measured[f"{bench}/{metric}"] = payload
+                measured[f"{label or bench}/{metric}"] = payload
         for bench, reason in out["skipped"].items():
-            ctx.publish("run.note.v1", {"level": "warning", "text": f"{name}: {bench} not measured: {reason}"})
+            ctx.publish("run.note.v1", {"level": "warning", "text": f"{name}: {label or bench} not measured: "
+                                                                    f"{reason}"})
         for bench, notes in out["notes"].items():
             for note in notes:
-                ctx.publish("run.note.v1", {"level": "info", "text": f"{name}: {bench}: {note}"})
+                ctx.publish("run.note.v1", {"level": "info", "text": f"{name}: {label or bench}: {note}"})
         return measured
 
 

@@ -21,6 +21,12 @@ class BenchmarkUnavailable(RuntimeError):
     """Raised by a benchmark that cannot run in this environment (the reason is reported, nothing is scored)."""
 
 
+def generation_cap(max_new_tokens: int) -> dict[str, int]:
+    """The options that cap generation at `max_new_tokens` for every generative benchmark: gsm8k and mt_bench
+    answers (`max_new_tokens`), humaneval (`max_gen_toks`) and the MT-Bench judge (`judge_max_new_tokens`)."""
+    return {"max_new_tokens": max_new_tokens, "max_gen_toks": max_new_tokens, "judge_max_new_tokens": max_new_tokens}
+
+
 def run_benchmarks(model: Any, tokenizer: Any, names: list[str], *, data_dir: str | Path | None = None,
                    limit: int | None = None, seed: int = 1234, batch_size: int = 16,
                    options: dict[str, Any] | None = None, samples_path: str | Path | None = None,

@@ -18,7 +18,8 @@ FastChat answer JSONL path or its records; or `baseline_model` with `baseline_to
 with pair-v2(-multi-turn) / pair-math-v1(-multi-turn). Each pair is judged twice with the positions swapped; a tie
 in either game or disagreeing games make a tie; a game without a verdict drops the pair (counted as `errors`).
 Metrics: `win_rate` = wins / (wins + losses + ties) with that n, and FastChat's `win_rate_adjusted`
-((wins + ties / 2) / n); the counts are in settings.
+((wins + ties / 2) / n); the counts are in settings and in a note. `answers_from_samples` reads single-mode records
+back as answers, so a before/after comparison can judge exactly the answers already scored.
 
 "No metric": when no judgment could be used, the metric is omitted from `metrics` (never a made-up value), its name
 is listed in `settings["not_measured"]` and a note says why. The judge's `describe()` is in `settings["judge"]` and
@@ -32,7 +33,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from ...data.tokenize import has_chat_template, render_prompt
 from ..generation import encode_context, generate_until
@@ -74,6 +75,16 @@ def load_answers(source: Any) -> Answers:
         return {int(k): [str(t) for t in v] for k, v in source.items()}
     records = _read_jsonl(Path(source)) if isinstance(source, (str, Path)) else list(source)
     return {int(r["question_id"]): [str(t) for t in r["choices"][0]["turns"]] for r in records}
+
+
+def answers_from_samples(records: Iterable[dict[str, Any]]) -> Answers:
+    """{question_id: [turn1, turn2]} from single-mode per-sample records (a harness samples file), so that a later
+    pairwise comparison judges exactly the answers that were scored. Questions missing a turn are left out."""
+    turns: dict[int, dict[int, str]] = defaultdict(dict)
+    for r in records:
+        if r.get("benchmark", "mt_bench") == "mt_bench" and "answer" in r and "baseline_answer" not in r:
+            turns[int(r["question_id"])][int(r["turn"])] = str(r["answer"])
+    return {qid: [t[1], t[2]] for qid, t in turns.items() if 1 in t and 2 in t}
 
 
 def temperature_for(category: str) -> float:
@@ -302,6 +313,7 @@ def _pairwise(judge: Judge, questions: Sequence[dict[str, Any]], answers: Answer
     else:
         settings["not_measured"] = ["win_rate", "win_rate_adjusted"]
         notes.append("not measured (no pair with verdicts in both games): win_rate, win_rate_adjusted")
-    notes.append(f"pairwise vs {settings['baseline']}: {counts['win']} wins, {counts['loss']} losses, "
-                 f"{counts['tie']} ties (inconsistent swapped verdicts count as ties)")
+    notes.append(f"pairwise vs {settings['baseline']}: {counts['win']} wins, {counts['tie']} ties, "
+                 f"{counts['loss']} losses, n={n} pairs with both verdicts, {counts['error']} excluded "
+                 "(each pair judged twice, positions swapped; inconsistent verdicts count as ties)")
     return metrics, samples
