@@ -21,6 +21,10 @@ Guarantees:
 - Teacher-assistant chains (TAKD, Mirzadeh et al. 2020) distil teacher → assistant → … → student in turn;
   prune-then-distill (Minitron, Muralidharan et al. 2024) copies the teacher, removes layers (Block Influence) and
   width (activation importance) from one calibration pass, then retrains it with logit-only forward-KL KD.
+- Rows of every kind the pipeline has are accepted (`as_distillation_rows`): demonstrations and KTO rows by their
+  completion, preference pairs by the chosen completion, prompts without a completion (verifiable prompts, whose
+  `answer` holds only the normalised final answer, or prompt-only rows) by the teacher's own greedy completion
+  (sequence-level KD), plain texts on every token.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from ..align.batching import windows
 from ..align.engine import Engine, LossOutput, TrainOptions, TrainResult, disable_dropout, set_seed, train_loop
 from ..align.sft import encode_sft_rows, pad_id_of
 from ..data.collate import CompletionBatch, collate_masked
+from ..data.tokenize import encode_prompt
+from ..rollout.generate import generate
 from .distill_losses import (Divergence, FeatureProjector, distillation_terms, hidden_state_loss, token_divergence,
                              uniform_layer_map)
 from .structured import HeadMode, Importance, compute_importance, decoder_layers, prune_depth, prune_width
@@ -73,6 +79,8 @@ class DistillSettings(BaseModel):
     projection: Literal["linear", "identity"] = "linear"
     freeze_bottom_up: bool = True
     disable_dropout: bool = True
+    teacher_max_new_tokens: int = Field(64, ge=1, description="rows without a completion: the length cap of the "
+                                                              "teacher's greedy completion distilled on")
 
 
 # -- vocabulary --------------------------------------------------------------------------------------------------
@@ -103,12 +111,64 @@ def check_shared_vocab(teacher: nn.Module, student: nn.Module, tokenizer: Any, t
 
 
 # -- data --------------------------------------------------------------------------------------------------------
+def as_distillation_rows(teacher: nn.Module, tokenizer: Any, rows: Sequence[dict | str], *, max_new_tokens: int = 64,
+                         batch_size: int = 32) -> tuple[list[dict | str], dict[str, int], dict[str, int]]:
+    """Normalised rows of any kind -> what distillation trains on (SFT rows and plain texts), in order.
+
+    Returns (rows, sources, dropped): `sources` counts where the supervised tokens came from ("completion": SFT and
+    KTO rows, whose label does not matter because the target is the teacher's distribution, not the tokens;
+    "chosen": preference pairs; "teacher": rows with a prompt and no completion; "text": plain strings).
+    A verifiable row's `answer` is only the normalised final answer (e.g. "42", see data/schema.py), not the worked
+    solution the task's demonstrations hold (tasks.arithmetic.sft_rows), so it is not used as a completion: such
+    rows, and prompt-only rows, are completed by the teacher (greedy, up to `max_new_tokens`; Kim & Rush 2016's
+    sequence-level KD), and the student learns the teacher's distribution on what the teacher actually says. An
+    empty teacher completion drops the row ("empty_teacher_completion" in `dropped`). A row with neither a prompt nor
+    a completion is refused naming its 1-based number and fields."""
+    out: list[dict | str | None] = []
+    sources: dict[str, int] = {}
+    pending: list[tuple[int, dict]] = []
+    for i, row in enumerate(rows):
+        if isinstance(row, str):
+            out.append(row)
+            source = "text"
+        elif isinstance(row, dict) and row.get("completion"):
+            out.append({"prompt": row.get("prompt", []), "completion": row["completion"]})
+            source = "completion"
+        elif isinstance(row, dict) and row.get("chosen"):
+            out.append({"prompt": row.get("prompt", []), "completion": row["chosen"]})
+            source = "chosen"
+        elif isinstance(row, dict) and row.get("prompt"):
+            out.append(None)
+            pending.append((i, row))
+            source = "teacher"
+        else:
+            fields = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(f"distillation row {i + 1}: expected a text or a normalised row with 'prompt' and "
+                             f"'completion', 'chosen' (pairs) or only 'prompt'; got {fields}")
+        sources[source] = sources.get(source, 0) + 1
+    dropped: dict[str, int] = {}
+    for start in range(0, len(pending), batch_size):
+        chunk = pending[start:start + batch_size]
+        gens = generate(teacher, tokenizer, [encode_prompt(tokenizer, row["prompt"]) for _, row in chunk],
+                        max_new_tokens=max_new_tokens)
+        for (i, row), gen in zip(chunk, gens):
+            if gen.text.strip():
+                out[i] = {"prompt": row["prompt"], "completion": [{"role": "assistant", "content": gen.text}]}
+            else:
+                dropped["empty_teacher_completion"] = dropped.get("empty_teacher_completion", 0) + 1
+    return [r for r in out if r is not None], sources, dropped
+
+
 def encode_rows(tokenizer: Any, rows: Sequence[dict | str],
                 options: TrainOptions) -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
     """(ids, supervision mask) per row: SFT rows supervise their completion; texts every token (the first token has
-    no prediction, so a text needs two)."""
+    no prediction, so a text needs two). Other kinds go through `as_distillation_rows` first."""
     encoded, dropped = [], {}
-    for row in rows:
+    for i, row in enumerate(rows):
+        if not isinstance(row, str) and not (isinstance(row, dict) and row.get("completion")):
+            got = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(f"distillation row {i + 1} has no completion (got {got}): convert it with "
+                             "as_distillation_rows (pairs: the chosen side; prompts: the teacher's completion)")
         if isinstance(row, str):
             ids = list(tokenizer(row)["input_ids"])[:options.max_length]
             if len(ids) < 2:
@@ -186,7 +246,11 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer: Any, rows: Sequen
         raise ValueError("final_temperature anneals τ in progressive KD only; set kind='progressive' or drop it")
     vocab = check_shared_vocab(teacher, student, tokenizer, teacher_tokenizer)
     set_seed(options.seed)
+    rows, _, generation_dropped = as_distillation_rows(teacher, tokenizer, rows,
+                                                       max_new_tokens=settings.teacher_max_new_tokens)
     encoded, dropped = encode_rows(tokenizer, rows, options)
+    for k, v in generation_dropped.items():
+        dropped[k] = dropped.get(k, 0) + v
     if not encoded:
         raise ValueError(f"no rows left to distil on after tokenization (dropped: {dropped})")
     pad = pad_id_of(tokenizer)
@@ -305,6 +369,8 @@ def prune_then_distill(teacher: nn.Module, tokenizer: Any, rows: Sequence[dict |
     `settings` says otherwise). Calibration defaults to the first `options.batch_size` rows. Returns (student,
     TrainResult, pruning stats)."""
     student = copy.deepcopy(teacher)
+    settings = settings or DistillSettings(kind="logit", loss="forward_kl")
+    rows, _, _ = as_distillation_rows(teacher, tokenizer, rows, max_new_tokens=settings.teacher_max_new_tokens)
     if calib_batches is None:
         encoded, _ = encode_rows(tokenizer, rows[:options.batch_size], options)
         calib_batches = [collate_masked(encoded, pad_id_of(tokenizer))]
@@ -319,7 +385,6 @@ def prune_then_distill(teacher: nn.Module, tokenizer: Any, rows: Sequence[dict |
                          sequences=imp.sequences)
         stats["width"] = prune_width(student, None, ffn_fraction, head_fraction, head_mode=head_mode,
                                      importance=sub)
-    settings = settings or DistillSettings(kind="logit", loss="forward_kl")
     result = distill(teacher, student, tokenizer, rows, options, settings, on_step)
     return student, result, stats
 
@@ -330,6 +395,7 @@ def kd_metrics(teacher: nn.Module, student: nn.Module, tokenizer: Any, rows: Seq
     """Held-out agreement: mean forward KL(p_T ‖ p_S) at τ = 1 per supervised token and the share of those tokens
     where both models' argmax agree."""
     vocab = check_shared_vocab(teacher, student, tokenizer)
+    rows, _, _ = as_distillation_rows(teacher, tokenizer, rows)
     encoded, _ = encode_rows(tokenizer, rows, options)
     pad = pad_id_of(tokenizer)
     kl = agree = tokens = 0.0
