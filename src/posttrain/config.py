@@ -123,7 +123,9 @@ class CompressOptions(_Strict):
     max_perplexity_ratio: float | None = Field(None, ge=1, description="gate: reject an artifact whose held-out "
                                                                       "perplexity exceeds the aligned model's by more")
     options: dict[str, Any] = Field(default_factory=dict, description="method options: group_size, student, "
-                                                                      "student_config, head_fraction, train")
+                                    "student_config, head_fraction, train (distillation's loop: steps, lr, ...), "
+                                    "distill (loss, temperature, final_temperature, ...); see "
+                                    "posttrain.compress.api.MethodOptions")
 
     @field_validator("method", "fallback")
     @classmethod
@@ -132,6 +134,14 @@ class CompressOptions(_Strict):
 
         for method in ([value] if isinstance(value, str) else value):
             parse_method(method)
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, value: Any) -> Any:
+        from .compress.api import parse_options
+
+        parse_options(value)  # unknown or bad keys are refused when the config is read, not at the compress stage
         return value
 
 

@@ -13,8 +13,8 @@ report.json keys: run_id, status, method, rationale, runner_up, accuracy {base, 
 {agent, task, reason} or null, data, training {method, steps, total_steps, last_step, metrics {name: {first, final,
 min, max, nonfinite}}}, compression {method, path, reload_ok, size_bytes, base_size_bytes, ratio,
 perplexity, base_perplexity, top1_agreement, tokens_per_s, load_seconds, runtime (each null when not measured),
-rejected [{method, reason}]} or null, evals (every eval
-result), started_at, wall_s.
+details (the method's own record, e.g. implementation; null when none), rejected [{method, reason}]} or null,
+evals (every eval result), started_at, wall_s.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def build_report(run_dir: str | Path, state: RunState | None = None) -> dict[str
                        "size_bytes": comp.get("size_bytes"), "base_size_bytes": base,
                        "ratio": comp["size_bytes"] / base if base else None,
                        **{k: comp.get(k) for k in ("perplexity", "base_perplexity", "top1_agreement", "tokens_per_s",
-                                                   "load_seconds", "runtime")},
+                                                   "load_seconds", "runtime", "details")},
                        "rejected": [{"method": c.get("method"), "reason": c.get("reason")}
                                     for c in state.compress if not c.get("accepted", True)]}
     method = state.method or {}
@@ -194,7 +194,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     c = r.get("compression")
     if c:
         ratio = f", ratio {c['ratio']:.3f}" if c.get("ratio") is not None else ""
-        lines += ["", f"Compression: {c['method']}{ratio}, reloaded: {'yes' if c['reload_ok'] else 'NO'}"]
+        impl = (c.get("details") or {}).get("implementation")
+        lines += ["", f"Compression: {c['method']}{ratio}{f' ({impl})' if impl else ''}, "
+                      f"reloaded: {'yes' if c['reload_ok'] else 'NO'}"]
         if c.get("top1_agreement") is not None:
             lines += [f"Against the aligned model on held-out rows: top-1 agreement {c['top1_agreement']:.4f}, "
                       f"perplexity {c['perplexity']:.4g} vs {c['base_perplexity']:.4g}; {c['tokens_per_s']:.1f} "

@@ -3,12 +3,17 @@ and falls back to milder methods when the quality gate rejects it.
 
 Thin over `posttrain.compress.api`. Guarantees: calibration uses the run's own training rows and measurement the
 held-out rows; every attempt is published as `compress.result.v1` with its measured size, perplexity, top-1 agreement
-and speed, and whether the gate accepted it and why; the stage's result is the first accepted artifact, or the task
-fails naming every rejected attempt with its numbers.
+and speed, the method's details (e.g. which implementation ran) and whether the gate accepted it and why; the stage's
+result is the first accepted artifact, or the task fails naming every rejected attempt with its numbers. A method
+that cannot run or raises (a missing library, bad options, a bug) ends the stage at once as a failed task naming the
+method, the exception and every attempt rejected before it (never retried: the same inputs fail the same way); the
+traceback of an unexpected exception goes to the log as an error note. Errors do not fall back: a fallback is a
+milder setting for a quality gate, not a way to hide a method that does not work.
 """
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +59,14 @@ class CompressorAgent:
             out = self.run_dir / "artifacts" / "compressed" / method.replace(":", "-")
             try:
                 report = compress(p["model"], method, out, calibration, heldout=heldout, options=opts.options)
-            except (ImportError, NotImplementedError, ValueError) as exc:
-                raise TaskError(f"{method}: {exc}") from exc
+            except Exception as exc:  # noqa: BLE001 - every failure ends the stage with its reason (see docstring)
+                expected = isinstance(exc, (ImportError, NotImplementedError, ValueError))
+                if not expected:
+                    trace = traceback.format_exc(limit=8)[-3900:]
+                    ctx.publish("run.note.v1", {"level": "error", "text": f"compressor: {method} raised:\n{trace}"})
+                before = f" (rejected before it: {'; '.join(rejected)})" if rejected else ""
+                what = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+                raise TaskError(f"{method} failed: {what}{before}") from exc
             reason = gate_verdict(report, opts.min_top1_agreement, opts.max_perplexity_ratio)
             ctx.publish("compress.result.v1", {
                 "method": method, "path": report["artifact"], "size_bytes": report["size_bytes"],
@@ -63,7 +74,8 @@ class CompressorAgent:
                 "perplexity": report["perplexity"], "base_perplexity": report["base_perplexity"],
                 "top1_agreement": report["top1_agreement"], "tokens_per_s": report["tokens_per_s"],
                 "load_seconds": report["load_seconds"], "runtime": report["runtime"],
-                "accepted": reason is None, "reason": reason}, dataref=report["artifact"])
+                "details": report.get("details"), "accepted": reason is None, "reason": reason},
+                dataref=report["artifact"])
             if reason is None:
                 ctx.progress("compress", len(methods), len(methods), "done")
                 return {"path": report["artifact"], "method": method, "size_bytes": report["size_bytes"],

@@ -162,6 +162,7 @@ class CompressResult(Payload):
     tokens_per_s: float | None = None
     load_seconds: float | None = None
     runtime: str | None = None
+    details: dict[str, Any] | None = None  # the method's own record, e.g. {"implementation": "llm-compressor"}
     accepted: bool = True  # False: the compression gate rejected it and a milder method was tried
     reason: str | None = None
 

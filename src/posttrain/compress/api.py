@@ -9,6 +9,13 @@ Guarantees: the artifact is written under `out_dir`, reloaded from disk and meas
 `compression.json` next to it holds all of that with `method`, `artifact`, `size_bytes`, `base_size_bytes`,
 `perplexity`, `base_perplexity`, `top1_agreement`, `seconds` (the compression's own wall time). A method whose
 library is missing raises with what to install; nothing is reported for it.
+
+Dispatch: gptq, awq and prune:sparsegpt run llm-compressor (`compress.llmc`) only; prune:wanda runs llm-compressor's
+Wanda when llmcompressor imports, else posttrain's reference Wanda (`compress.prune`), and `details.implementation`
+says which ran. Distillation trains on the calibration rows as `distill.as_distillation_rows` turns them into SFT
+rows (pairs: the chosen side; prompts without a completion, e.g. verifiable ones: the teacher's greedy completion)
+and `details.data` counts each source. Method options (`compress.options` in a run config) are validated by
+`parse_options`: an unknown key is refused naming it and the known ones.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..align.engine import TrainOptions, save_pretrained
 from ..data.tokenize import encode_completion, encode_prompt
@@ -48,6 +57,75 @@ def parse_method(method: str) -> Method:
     raise ValueError(f"unknown compression method {method!r}; expected int8_rtn, gptq, awq, gguf:<{'|'.join(GGUF_TYPES)}>, "
                      "prune:magnitude|wanda|sparsegpt:<sparsity or N:M>, prune:width:<fraction>, prune:depth:<layers>, "
                      "distill:logit|feature|progressive")
+
+
+# Distillation's loop when compress.options.train does not say otherwise (a fresh student needs a high lr), and
+# progressive KD's temperature schedule when compress.options.distill sets neither end (so it does anneal).
+DISTILL_TRAIN_DEFAULTS = {"steps": 50, "batch_size": 8, "lr": 1e-3}
+PROGRESSIVE_DEFAULTS = {"temperature": 2.0, "final_temperature": 1.0}
+
+
+class MethodOptions(BaseModel):
+    """`compress.options`: settings of the methods (each key is used only by the methods named)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    group_size: int = Field(128, ge=1, description="gptq, awq: input columns per quantization scale")
+    head_fraction: float = Field(0.0, ge=0, lt=1, description="prune:width: share of attention heads removed too")
+    student: str | None = Field(None, description="distill: an initial student checkpoint")
+    student_config: str | None = Field(None, description="distill: a config (dir or json) for a fresh student; "
+                                                         "default: the teacher's with half the layers")
+    train: dict[str, Any] = Field(default_factory=dict, description="distill: the loop's TrainOptions (steps, "
+                                  f"batch_size, lr, ...), over {DISTILL_TRAIN_DEFAULTS}")
+    distill: dict[str, Any] = Field(default_factory=dict, description="distill: DistillSettings (loss, "
+                                    "temperature, final_temperature, alpha, feature_weight, ...); the kind comes from "
+                                    f"the method; progressive defaults to {PROGRESSIVE_DEFAULTS}")
+
+    def train_options(self) -> TrainOptions:
+        return TrainOptions(**{**DISTILL_TRAIN_DEFAULTS, **self.train})
+
+    def distill_settings(self, kind: str) -> Any:
+        from .distill import DistillSettings
+
+        defaults = PROGRESSIVE_DEFAULTS if kind == "progressive" and not (
+            {"temperature", "final_temperature"} & set(self.distill)) else {}
+        return DistillSettings(**{**defaults, **self.distill, "kind": kind})
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors())
+
+
+def parse_options(options: dict[str, Any] | None) -> MethodOptions:
+    """Validate `compress.options`; raise ValueError naming the unknown or bad key and what is accepted."""
+    from .distill import DistillSettings
+
+    options = dict(options or {})
+    known = sorted(MethodOptions.model_fields)
+    for key in options:
+        if key not in MethodOptions.model_fields:
+            hint = (f" (a distillation loop setting: compress.options.train.{key})" if key in TrainOptions.model_fields
+                    else f" (a distillation setting: compress.options.distill.{key})"
+                    if key in DistillSettings.model_fields else "")
+            raise ValueError(f"compress.options: unknown key {key!r}{hint}; expected one of {', '.join(known)}")
+    try:
+        parsed = MethodOptions(**options)
+    except ValidationError as exc:
+        raise ValueError(f"compress.options: {_problems(exc)}") from None
+    for section, model, exclude in (("train", TrainOptions, ()), ("distill", DistillSettings, ("kind",))):
+        fields = sorted(set(model.model_fields) - set(exclude))
+        for key in getattr(parsed, section):
+            if key not in fields:
+                why = ("is set by the method (distill:logit|feature|progressive)" if key in exclude
+                       else "is not a setting")
+                raise ValueError(f"compress.options.{section}: {key!r} {why}; expected one of {', '.join(fields)}")
+    try:
+        parsed.train_options()
+        DistillSettings(**{**parsed.distill, "kind": "progressive"})  # types and ranges; the kind is checked later
+    except ValidationError as exc:
+        section = "train" if exc.title == TrainOptions.__name__ else "distill"
+        raise ValueError(f"compress.options.{section}: {_problems(exc)}") from None
+    return parsed
 
 
 def _sparsity(amount: str) -> tuple[float | None, str | None]:
@@ -93,7 +171,7 @@ def heldout_targets(tokenizer: Any, rows: Sequence[dict], max_length: int = 256)
 
 
 def _apply(method: Method, base_dir: str, out_dir: Path, rows: Sequence[dict], tokenizer: Any,
-           options: dict[str, Any]) -> tuple[Path, Callable[[], Any], str, dict[str, Any]]:
+           options: MethodOptions) -> tuple[Path, Callable[[], Any], str, dict[str, Any]]:
     """Write the artifact; return (path, loader, runtime name, method details)."""
     from transformers import AutoModelForCausalLM
 
@@ -108,9 +186,9 @@ def _apply(method: Method, base_dir: str, out_dir: Path, rows: Sequence[dict], t
         from . import llmc
 
         fn = llmc.quantize_gptq if method.family == "gptq" else llmc.quantize_awq
-        path = fn(base_dir, out_dir, texts, group_size=int(options.get("group_size", 128)))
+        path = fn(base_dir, out_dir, texts, group_size=options.group_size)
         return Path(path), hf_loader(path), "transformers + compressed-tensors", {
-            "group_size": int(options.get("group_size", 128)), "bits": 4}
+            "group_size": options.group_size, "bits": 4}
     if method.family == "gguf":
         from .gguf_export import export_gguf
         from .modelfile import write_modelfile
@@ -125,48 +203,76 @@ def _apply(method: Method, base_dir: str, out_dir: Path, rows: Sequence[dict], t
     if method.family == "prune":
         details: dict[str, Any] = {}
         if method.variant in ("magnitude", "wanda", "sparsegpt"):
+            from . import llmc
+            from .prune import DEFAULT_SKIP, parse_pattern, prune_magnitude, prune_wanda, sparsity_report
+
             sparsity, pattern = _sparsity(method.amount)
-            if method.variant == "sparsegpt":
-                from . import llmc
-
-                path = llmc.prune_sparsegpt(base_dir, out_dir, texts, sparsity=sparsity or 0.5, pattern=pattern)
-                return Path(path), hf_loader(path), "transformers (dense zeros)", {"implementation": "llm-compressor"}
-            from .prune import prune_magnitude, prune_wanda, sparsity_report
-
+            dense_zeros = "saved as dense zeros: no CPU speed-up exists for unstructured or 2:4 sparsity"
+            note = dense_zeros
+            if method.variant == "sparsegpt" or (method.variant == "wanda" and _llmcompressor_available()):
+                n_m = parse_pattern(pattern) if pattern else None
+                fn = llmc.prune_sparsegpt if method.variant == "sparsegpt" else llmc.prune_wanda
+                path = Path(fn(base_dir, out_dir, texts, pattern=pattern,
+                               sparsity=1 - n_m[0] / n_m[1] if n_m else sparsity))
+                # What the checkpoint on disk holds, over the layers pruned (every linear but lm_head).
+                return path, hf_loader(path), "transformers (dense zeros)", {
+                    "implementation": "llm-compressor", "pattern": pattern,
+                    "sparsity": sparsity_report(load_model(str(path)), DEFAULT_SKIP).overall, "note": dense_zeros}
             if method.variant == "magnitude":
                 prune_magnitude(model, sparsity, pattern)
             else:
                 prune_wanda(model, calib, sparsity, pattern)
-            details = {"implementation": "posttrain", "sparsity": sparsity_report(model).overall,
-                       "pattern": pattern, "note": "saved as dense zeros: no CPU speed-up exists for unstructured "
-                                                   "or 2:4 sparsity"}
+                note = (f"llm-compressor is not installed ({llmc.INSTALL_HINT}), so posttrain's reference Wanda ran "
+                        "(every layer scored from one pass of the dense model); " + dense_zeros)
+            details = {"implementation": "posttrain", "pattern": pattern,
+                       "sparsity": sparsity_report(model, DEFAULT_SKIP).overall, "note": note}
         elif method.variant == "width":
             from .structured import prune_width
 
             details = {"width": prune_width(model, calib, ffn_fraction=float(method.amount),
-                                            head_fraction=float(options.get("head_fraction", 0.0)))}
+                                            head_fraction=options.head_fraction)}
         else:
             from .structured import prune_depth
 
             details = {"depth": prune_depth(model, calib, int(method.amount))}
         path = save_pretrained(model, tokenizer, out_dir)
         return path, hf_loader(path), "transformers", _jsonable(details)
-    from .distill import DistillSettings, distill
+    from .distill import as_distillation_rows, distill
 
     student = _student(options, model)
-    train = TrainOptions(**{"steps": 50, "batch_size": 8, "lr": 1e-3, **options.get("train", {})})
-    result = distill(model, student, tokenizer, list(rows), train, DistillSettings(kind=method.variant))
+    train, settings = options.train_options(), options.distill_settings(method.variant)
+    # Only as many rows as the loop can see are converted (teacher completions cost a generation each).
+    needed = train.steps * train.batch_size * train.grad_accum
+    kd_rows, sources, generation_dropped = as_distillation_rows(model, tokenizer, list(rows[:needed]),
+                                                                max_new_tokens=settings.teacher_max_new_tokens)
+    result = distill(model, student, tokenizer, kd_rows, train, settings)
     path = save_pretrained(student, tokenizer, out_dir)
-    return path, hf_loader(path), "transformers", {"steps": result.steps, "final": result.final}
+    details = {"steps": result.steps, "final": result.final, "data": sources,
+               "dropped": {**generation_dropped, **result.dropped}, "student_layers": student.config.num_hidden_layers,
+               "settings": settings.model_dump()}
+    if result.history and "temperature" in result.history[0]:
+        details["temperature"] = {"first": result.history[0]["temperature"],
+                                  "last": result.history[-1]["temperature"]}
+    return path, hf_loader(path), "transformers", _jsonable(details)
 
 
-def _student(options: dict[str, Any], teacher: Any) -> Any:
+def _llmcompressor_available() -> bool:
+    from . import llmc
+
+    try:
+        llmc.require_llmcompressor()
+    except llmc.QuantExtraMissing:
+        return False
+    return True
+
+
+def _student(options: MethodOptions, teacher: Any) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if options.get("student"):
-        return load_model(options["student"]).train()
-    if options.get("student_config"):
-        config = AutoConfig.from_pretrained(options["student_config"])
+    if options.student:
+        return load_model(options.student).train()
+    if options.student_config:
+        config = AutoConfig.from_pretrained(options.student_config)
         return AutoModelForCausalLM.from_config(config).train()
     # Default student: the teacher's architecture with half the layers (the shape Minitron's depth pruning gives).
     config = teacher.config.__class__(**{**teacher.config.to_dict(),
@@ -182,12 +288,13 @@ def compress(model: str, method: str, out_dir: str | Path, calibration: Sequence
              heldout: Sequence[dict] | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compress `model` (a path or 'embedded') with `method`; write and return the compression.json content."""
     parsed = parse_method(method)
+    parsed_options = parse_options(options)
     base_dir = resolve_model_path(model)
     tokenizer = load_tokenizer(model)
     out_dir = Path(out_dir)
     started = time.perf_counter()
     artifact, loader, runtime, details = _apply(parsed, base_dir, out_dir / "artifact", calibration, tokenizer,
-                                                dict(options or {}))
+                                                parsed_options)
     seconds = time.perf_counter() - started
     base = load_model(base_dir)
     texts = heldout_targets(tokenizer, heldout or calibration[-8:])
