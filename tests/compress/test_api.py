@@ -32,23 +32,31 @@ def test_gate_verdict_names_the_numbers():
 
 @pytest.mark.slow
 def test_pipeline_falls_back_to_a_milder_method_and_records_why(tmp_path, capsys):
+    import sqlite3
     from pathlib import Path
 
     from posttrain.cli import main
 
+    # Measured on this run's held-out rows (459 positions): Q4_0 agrees with the aligned model on 0.9586 of them,
+    # Q8_0 on 0.9956, so a 0.98 gate rejects Q4_0 and accepts Q8_0 with ~10 positions to spare either way.
     code = main(["demo", "--quiet", "--train.steps", "2", "--runs_dir", str(tmp_path), "--evaluate.limit", "16",
-                 "--compress.method", "gguf:q4_0", "--compress.fallback", "[gguf:f32]",
-                 "--compress.min_top1_agreement", "1.0"])
+                 "--compress.method", "gguf:q4_0", "--compress.fallback", "[gguf:q8_0]",
+                 "--compress.min_top1_agreement", "0.98"])
     run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
     report = json.loads((run_dir / "report.json").read_text())
     assert code == 0, report.get("error")
+    con = sqlite3.connect(run_dir / "events.sqlite")
+    attempts = [json.loads(r[0]) for r in con.execute("SELECT data FROM events WHERE type = 'compress.result.v1' "
+                                                      "ORDER BY seq")]
+    assert [(a["method"], a["accepted"]) for a in attempts] == [("gguf:q4_0", False), ("gguf:q8_0", True)]
+    q4, q8 = attempts
+    assert q4["top1_agreement"] < 0.98 <= q8["top1_agreement"] and q8["reason"] is None
+    assert q4["reason"].startswith(f"top-1 agreement {q4['top1_agreement']:.4f} over ")
+    assert q4["reason"].endswith(" held-out positions is below the required 0.98")
     c = report["compression"]
-    # F32 holds the exact weights, so it always passes a 1.0 gate; Q4_0 passes only if it really agrees everywhere.
-    if c["rejected"]:
-        assert c["method"] == "gguf:f32" and c["top1_agreement"] == 1.0
-        assert c["rejected"][0]["method"] == "gguf:q4_0" and "below the required 1" in c["rejected"][0]["reason"]
-    else:
-        assert c["method"] == "gguf:q4_0" and c["top1_agreement"] == 1.0
+    assert c["method"] == "gguf:q8_0" and c["top1_agreement"] == q8["top1_agreement"]
+    assert c["rejected"] == [{"method": "gguf:q4_0", "reason": q4["reason"]}]
+    assert f"Rejected by the gate: gguf:q4_0: {q4['reason']}" in (run_dir / "report.md").read_text()
     assert report["accuracy"]["compressed"]["n"] == 16
     gguf = Path(c["path"])
-    assert gguf.suffix == ".gguf" and gguf.with_name(f"{gguf.stem}.Modelfile").exists()
+    assert gguf.name == "model-q8_0.gguf" and gguf.with_name(f"{gguf.stem}.Modelfile").exists()
