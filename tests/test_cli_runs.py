@@ -88,6 +88,8 @@ def test_show_a_failed_run_by_id_under_runs_dir(runs, capsys):
     ]
     # The directory, or its events.sqlite, names the same run.
     assert _cli(["show", str(runs / "b-failed" / "events.sqlite")], capsys)[1] == lines
+    main(["show", "b-failed", "--runs-dir", str(runs)])
+    assert capsys.readouterr().out.endswith("after 3 attempts\n")  # one final newline, no blank line after it
 
 
 def test_show_of_a_missing_run_exits_2_naming_both_places(runs, capsys):

@@ -89,7 +89,7 @@ def _resolve_run(run: str, runs_dir: str) -> Path:
 def _cmd_show(args: argparse.Namespace) -> int:
     from .timeline import format_timeline
 
-    print(format_timeline(_resolve_run(args.run, args.runs_dir)))
+    print(format_timeline(_resolve_run(args.run, args.runs_dir)), end="")  # the timeline ends with its own newline
     return 0
 
 

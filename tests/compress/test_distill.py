@@ -154,3 +154,10 @@ def test_a_tokenizer_mismatch_is_refused(tiny_tokenizer, teacher, data):
     padded.resize_token_embeddings(len(tiny_tokenizer) + 6)
     assert check_shared_vocab(teacher, padded, tiny_tokenizer, tiny_tokenizer) == len(tiny_tokenizer)
     assert check_shared_vocab(teacher, student, tiny_tokenizer) == teacher.config.vocab_size
+
+
+def test_kd_metrics_refuses_to_report_when_no_token_is_scored(tiny_tokenizer, teacher, data):
+    """Every held-out completion emptied by truncation: there is nothing to measure, so no 0 is reported."""
+    student = make_tiny_llama(tiny_tokenizer, seed=1, hidden=32, layers=1)
+    with pytest.raises(ValueError, match="no supervised tokens"):
+        kd_metrics(teacher, student, tiny_tokenizer, data[1], _options(max_length=8))

@@ -393,7 +393,7 @@ def prune_then_distill(teacher: nn.Module, tokenizer: Any, rows: Sequence[dict |
 def kd_metrics(teacher: nn.Module, student: nn.Module, tokenizer: Any, rows: Sequence[dict | str],
                options: TrainOptions) -> dict[str, float]:
     """Held-out agreement: mean forward KL(p_T ‖ p_S) at τ = 1 per supervised token and the share of those tokens
-    where both models' argmax agree."""
+    where both models' argmax agree. Raises ValueError when no token is scored (never a made-up 0)."""
     vocab = check_shared_vocab(teacher, student, tokenizer)
     rows, _, _ = as_distillation_rows(teacher, tokenizer, rows)
     encoded, _ = encode_rows(tokenizer, rows, options)
@@ -409,4 +409,6 @@ def kd_metrics(teacher: nn.Module, student: nn.Module, tokenizer: Any, rows: Seq
         kl += float(token_divergence(s, t, kind="forward_kl").sum())
         agree += float((s.argmax(-1) == t.argmax(-1)).sum())
         tokens += float(mask.sum())
-    return {"kl": kl / max(tokens, 1.0), "top1_agreement": agree / max(tokens, 1.0), "tokens": tokens}
+    if tokens == 0:  # nothing was scored: a KL or agreement here would be an invented number
+        raise ValueError("no supervised tokens in the held-out rows: KL and top-1 agreement cannot be measured")
+    return {"kl": kl / tokens, "top1_agreement": agree / tokens, "tokens": tokens}
