@@ -40,7 +40,8 @@ def test_report_of_a_successful_run(tmp_path):
     assert r["compression"] == {"method": "int8", "path": "artifacts/int8", "reload_ok": True, "size_bytes": 1000,
                                 "base_size_bytes": 4000, "ratio": 0.25, "perplexity": None,
                                 "base_perplexity": None, "top1_agreement": None, "tokens_per_s": None,
-                                "load_seconds": None, "runtime": None, "details": None, "rejected": []}
+                                "load_seconds": None, "runtime": None, "positions": None, "scored_on": None,
+                                "scored_rows": None, "max_new_tokens": None, "details": None, "rejected": []}
     assert r["wall_s"] == 20.0 and r["started_at"] == runlogs.T0
     assert len(r["evals"]) == 3
 

@@ -122,6 +122,9 @@ class CompressOptions(_Strict):
                                                                           "agreement with the aligned model is lower")
     max_perplexity_ratio: float | None = Field(None, ge=1, description="gate: reject an artifact whose held-out "
                                                                       "perplexity exceeds the aligned model's by more")
+    heldout_max_new_tokens: int = Field(64, ge=1, description="held-out rows without a completion (verifiable, "
+                                        "prompt-only) are measured on the aligned model's greedy completion of "
+                                        "their prompt, up to this many new tokens")
     options: dict[str, Any] = Field(default_factory=dict, description="method options: group_size, student, "
                                     "student_config, head_fraction, train (distillation's loop: steps, lr, ...), "
                                     "distill (loss, temperature, final_temperature, ...); see "

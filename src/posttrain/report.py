@@ -12,7 +12,9 @@ report.json keys: run_id, status, method, rationale, runner_up, accuracy {base, 
 {value, n, metric} or null, sizes_bytes {aligned, compressed}, stages [{name, status, wall_s}], error
 {agent, task, reason} or null, data, training {method, steps, total_steps, last_step, metrics {name: {first, final,
 min, max, nonfinite}}}, compression {method, path, reload_ok, size_bytes, base_size_bytes, ratio,
-perplexity, base_perplexity, top1_agreement, tokens_per_s, load_seconds, runtime (each null when not measured),
+perplexity, base_perplexity, top1_agreement, tokens_per_s, load_seconds, runtime, positions, scored_on
+(what the held-out positions are: completions | aligned_greedy_completions | mixed), scored_rows {source: rows},
+max_new_tokens (cap of the aligned model's greedy completions) (each null when not measured),
 details (the method's own record, e.g. implementation; null when none), rejected [{method, reason}]} or null,
 evals (every eval result), started_at, wall_s.
 """
@@ -97,7 +99,8 @@ def build_report(run_dir: str | Path, state: RunState | None = None) -> dict[str
                        "size_bytes": comp.get("size_bytes"), "base_size_bytes": base,
                        "ratio": comp["size_bytes"] / base if base else None,
                        **{k: comp.get(k) for k in ("perplexity", "base_perplexity", "top1_agreement", "tokens_per_s",
-                                                   "load_seconds", "runtime", "details")},
+                                                   "load_seconds", "runtime", "positions", "scored_on",
+                                                   "scored_rows", "max_new_tokens", "details")},
                        "rejected": [{"method": c.get("method"), "reason": c.get("reason")}
                                     for c in state.compress if not c.get("accepted", True)]}
     method = state.method or {}
@@ -201,6 +204,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += [f"Against the aligned model on held-out rows: top-1 agreement {c['top1_agreement']:.4f}, "
                       f"perplexity {c['perplexity']:.4g} vs {c['base_perplexity']:.4g}; {c['tokens_per_s']:.1f} "
                       f"tokens/s with {c['runtime']}, loaded in {c['load_seconds']:.2f} s"]
+            if c.get("scored_on") is not None:
+                lines.append(f"Scored on: {_scored_on(c)}")
         for rej in c.get("rejected") or []:
             lines.append(f"Rejected by the gate: {rej['method']}: {rej['reason']}")
     lines.append("")
@@ -221,6 +226,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     if r.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n['source']}: {n['text']}" for n in r["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _scored_on(c: dict[str, Any]) -> str:
+    """What the compression's held-out positions were, in words: rows per source and the positions."""
+    cap = f", at most {c['max_new_tokens']} new tokens" if c.get("max_new_tokens") is not None else ""
+    names = {"completion": "the rows' completions", "chosen": "the chosen completions of pairs",
+             "aligned_greedy_completion": f"the aligned model's greedy completions of the prompts{cap}"}
+    parts = [f"{n} rows: {names.get(source, source)}" for source, n in (c.get("scored_rows") or {}).items()]
+    if c.get("positions") is not None:
+        parts.append(f"{c['positions']} completion tokens")
+    return f"{c['scored_on']} ({'; '.join(parts)})" if parts else c["scored_on"]
 
 
 def _finite_only(obj: Any) -> Any:

@@ -61,9 +61,12 @@ def check_compressed_run(code: int, run_dir: Path, report: dict, method: str) ->
         assert isinstance(c[key], float) and math.isfinite(c[key]), key
     aligned_dir = str(run_dir / "checkpoints" / "grpo" / "final")
     aligned, model = load_model(aligned_dir), reload(artifact)
-    # The compressor measures on the first 16 held-out rows (agents/compressor.py).
+    # The compressor measures on the first 16 held-out rows (agents/compressor.py): verifiable rows, so on the aligned
+    # model's greedy completions (compress.heldout_max_new_tokens, 64 by default).
     heldout = read_jsonl(run_dir / "artifacts" / "data" / "eval.jsonl", limit=16)
-    targets = heldout_targets(load_tokenizer(aligned_dir), heldout)
+    targets = heldout_targets(load_tokenizer(aligned_dir), heldout, model=aligned, max_new_tokens=64)
+    assert (c["scored_on"], c["scored_rows"], c["max_new_tokens"]) == (
+        "aligned_greedy_completions", {"aligned_greedy_completion": 16}, 64)
     ppl, base_ppl, agreement, _ = compare_on_texts(aligned, model, targets)
     assert c["perplexity"] == pytest.approx(ppl, rel=1e-6)
     assert c["base_perplexity"] == pytest.approx(base_ppl, rel=1e-6)
@@ -156,6 +159,9 @@ def test_distillation_takes_every_training_data_kind(train_method, source, tmp_p
     c = report["compression"]
     assert c["method"] == "distill:logit" and Path(c["path"]).is_dir()
     assert c["details"]["data"] == {source: 16} and c["details"]["steps"] == 2
+    # The demo's held-out rows stay verifiable whatever trains (only the training rows become pairs/demonstrations),
+    # so the artifact is measured on the aligned model's greedy completions.
+    assert (c["scored_on"], c["scored_rows"]) == ("aligned_greedy_completions", {"aligned_greedy_completion": 16})
 
 
 @pytest.mark.quant

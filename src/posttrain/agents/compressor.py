@@ -2,8 +2,10 @@
 and falls back to milder methods when the quality gate rejects it.
 
 Thin over `posttrain.compress.api`. Guarantees: calibration uses the run's own training rows and measurement the
-held-out rows; every attempt is published as `compress.result.v1` with its measured size, perplexity, top-1 agreement
-and speed, the method's details (e.g. which implementation ran) and whether the gate accepted it and why; the stage's
+held-out rows (their completions; rows without one, e.g. verifiable prompts, on the aligned model's greedy completion,
+generated once for every attempt: `compress.measure`); every attempt is published as `compress.result.v1` with its
+measured size, perplexity, top-1 agreement and speed, what was scored (`scored_on`, rows, positions), the method's
+details (e.g. which implementation ran) and whether the gate accepted it and why; the stage's
 result is the first accepted artifact, or the task fails naming every rejected attempt with its numbers. A method
 that cannot run or raises (a missing library, bad options, a bug) ends the stage at once as a failed task naming the
 method, the exception and every attempt rejected before it (never retried: the same inputs fail the same way); the
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bus.envelope import Envelope
-from ..compress.api import compress
+from ..compress.api import compress, measurement_targets
 from ..config import RunConfig
 from ._io import read_jsonl
 from .runtime import AgentContext, TaskError
@@ -52,13 +54,20 @@ class CompressorAgent:
         heldout = read_jsonl(p["eval_path"], limit=16) if p.get("eval_path") else []
         if not calibration or not heldout:
             raise TaskError("compression needs the run's training rows (calibration) and held-out rows (measurement)")
+        # Every attempt is measured on the same targets; rows without a completion are completed by the aligned
+        # model here, once.
+        try:
+            targets = measurement_targets(p["model"], heldout, opts.heldout_max_new_tokens)
+        except ValueError as exc:  # a held-out row that cannot be scored, named by the message
+            raise TaskError(f"cannot measure on the held-out rows ({p['eval_path']}): {exc}") from exc
         methods = [opts.method, *opts.fallback]
         rejected = []
         for attempt, method in enumerate(methods):
             ctx.progress("compress", attempt, len(methods), method)
             out = self.run_dir / "artifacts" / "compressed" / method.replace(":", "-")
             try:
-                report = compress(p["model"], method, out, calibration, heldout=heldout, options=opts.options)
+                report = compress(p["model"], method, out, calibration, heldout=heldout, options=opts.options,
+                                  targets=targets)
             except Exception as exc:  # noqa: BLE001 - every failure ends the stage with its reason (see docstring)
                 expected = isinstance(exc, (ImportError, NotImplementedError, ValueError))
                 if not expected:
@@ -74,6 +83,8 @@ class CompressorAgent:
                 "perplexity": report["perplexity"], "base_perplexity": report["base_perplexity"],
                 "top1_agreement": report["top1_agreement"], "tokens_per_s": report["tokens_per_s"],
                 "load_seconds": report["load_seconds"], "runtime": report["runtime"],
+                "positions": report["positions"], "scored_on": report["scored_on"],
+                "scored_rows": report["scored_rows"], "max_new_tokens": report["max_new_tokens"],
                 "details": report.get("details"), "accepted": reason is None, "reason": reason},
                 dataref=report["artifact"])
             if reason is None:

@@ -162,6 +162,10 @@ class CompressResult(Payload):
     tokens_per_s: float | None = None
     load_seconds: float | None = None
     runtime: str | None = None
+    positions: int | None = None  # held-out tokens scored for perplexity and top-1 agreement
+    scored_on: str | None = None  # completions | aligned_greedy_completions | mixed (compress.measure)
+    scored_rows: dict[str, int] | None = None  # rows scored per source
+    max_new_tokens: int | None = None  # cap of the aligned model's greedy completions, when it made any
     details: dict[str, Any] | None = None  # the method's own record, e.g. {"implementation": "llm-compressor"}
     accepted: bool = True  # False: the compression gate rejected it and a milder method was tried
     reason: str | None = None

@@ -7,8 +7,10 @@ N:M>, prune:magnitude:2:4, prune:width:<ffn fraction>, prune:depth:<layers>, dis
 Guarantees: the artifact is written under `out_dir`, reloaded from disk and measured against the uncompressed model
 (`compress.measure`): size, load time, tokens/s with the runtime named, held-out perplexity of both, top-1 agreement;
 `compression.json` next to it holds all of that with `method`, `artifact`, `size_bytes`, `base_size_bytes`,
-`perplexity`, `base_perplexity`, `top1_agreement`, `seconds` (the compression's own wall time). A method whose
-library is missing raises with what to install; nothing is reported for it.
+`perplexity`, `base_perplexity`, `top1_agreement`, `seconds` (the compression's own wall time), and what the held-out
+positions are (`scored_on`, `scored_rows`, `max_new_tokens`: the completions of the rows, or the uncompressed model's
+own greedy completions of prompts that have none, see `compress.measure`). A method whose library is missing raises
+with what to install; nothing is reported for it.
 
 Dispatch: gptq, awq and prune:sparsegpt run llm-compressor (`compress.llmc`) only; prune:wanda runs llm-compressor's
 Wanda when llmcompressor imports, else posttrain's reference Wanda (`compress.prune`), and `details.implementation`
@@ -31,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..align.engine import TrainOptions, save_pretrained
 from ..data.tokenize import encode_completion, encode_prompt
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
-from .measure import measure_artifact
+from .measure import MAX_NEW_TOKENS, HeldoutTargets, heldout_targets, measure_artifact
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 
@@ -153,23 +155,6 @@ def calibration_ids(tokenizer: Any, rows: Sequence[dict], max_length: int = 256)
     return out
 
 
-def heldout_targets(tokenizer: Any, rows: Sequence[dict], max_length: int = 256) -> list[tuple[list[int], int]]:
-    """(ids, first scored index) per held-out row: the completion's tokens when the row has one (what the model is
-    trained to produce), else every token of the prompt after the first."""
-    out = []
-    for row in rows:
-        completion = row.get("completion") or row.get("chosen")
-        if completion:
-            enc = encode_completion(tokenizer, row["prompt"], completion, max_length=max_length)
-            if enc is not None:
-                out.append((enc.input_ids, len(enc.prompt_ids)))
-        else:
-            out.append((encode_prompt(tokenizer, row["prompt"])[:max_length], 1))
-    if not out:
-        raise ValueError("no held-out rows could be tokenized")
-    return out
-
-
 def _apply(method: Method, base_dir: str, out_dir: Path, rows: Sequence[dict], tokenizer: Any,
            options: MethodOptions) -> tuple[Path, Callable[[], Any], str, dict[str, Any]]:
     """Write the artifact; return (path, loader, runtime name, method details)."""
@@ -284,9 +269,21 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
+def measurement_targets(model: str, rows: Sequence[dict], max_new_tokens: int = MAX_NEW_TOKENS) -> HeldoutTargets:
+    """The held-out targets every artifact of `model` is measured on (`measure.heldout_targets`; rows without a
+    completion are completed greedily by `model` itself, once, so a caller measuring several artifacts of one
+    model builds them once and passes them to `compress`)."""
+    base_dir = resolve_model_path(model)
+    return heldout_targets(load_tokenizer(model), rows, model=load_model(base_dir), max_new_tokens=max_new_tokens)
+
+
 def compress(model: str, method: str, out_dir: str | Path, calibration: Sequence[dict], *,
-             heldout: Sequence[dict] | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Compress `model` (a path or 'embedded') with `method`; write and return the compression.json content."""
+             heldout: Sequence[dict] | None = None, options: dict[str, Any] | None = None,
+             targets: HeldoutTargets | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, Any]:
+    """Compress `model` (a path or 'embedded') with `method`; write and return the compression.json content.
+
+    Measured on `targets` when given (`measurement_targets` of the same model), else on the `heldout` rows (or the
+    calibration's last 8), rows without a completion completed by `model` up to `max_new_tokens` tokens."""
     parsed = parse_method(method)
     parsed_options = parse_options(options)
     base_dir = resolve_model_path(model)
@@ -297,9 +294,10 @@ def compress(model: str, method: str, out_dir: str | Path, calibration: Sequence
                                                 parsed_options)
     seconds = time.perf_counter() - started
     base = load_model(base_dir)
-    texts = heldout_targets(tokenizer, heldout or calibration[-8:])
+    if targets is None:
+        targets = heldout_targets(tokenizer, heldout or calibration[-8:], model=base, max_new_tokens=max_new_tokens)
     prompt = encode_prompt(tokenizer, (heldout or calibration)[0]["prompt"])
-    m = measure_artifact(base, base_dir, artifact, loader, texts, prompt, runtime)
+    m = measure_artifact(base, base_dir, artifact, loader, targets, prompt, runtime)
     report = {"method": method, "artifact": str(artifact), **m.as_dict(), "seconds": round(seconds, 3),
               "details": details}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,18 @@
 Guarantees: every number is measured here and now — size on disk (weight files, or the single GGUF file), load time
 (wall clock of loading the artifact), generation speed (greedy tokens per second on a fixed prompt, with the runtime
 named), held-out perplexity of both models on the same token ids, and top-1 agreement (the share of held-out
-positions where both models' argmax agree). Perplexity is exp of the mean next-token NLL over every position after the
-first of each text (or over the completion tokens only, when the held-out rows have completions), so both models
-are scored on exactly the same targets.
+positions where both models' argmax agree). Perplexity is exp of the mean next-token NLL over the scored positions,
+so both models are scored on exactly the same targets.
+
+What is scored (`heldout_targets`, recorded as `scored_on` with the rows per source): a held-out row's completion
+tokens after its chat-templated prompt — the completion of SFT and KTO rows, the chosen side of a preference pair
+("completions") — or, for a row without a completion (a verifiable row, whose `answer` is only the bare final
+answer, or a prompt-only row), the completion tokens of the aligned (uncompressed) model's own greedy completion of
+its prompt, rendered through the chat template exactly as generation renders it, up to `max_new_tokens` new tokens
+and cut after the first end-of-sequence token, which is scored too ("aligned_greedy_completions"). Prompt tokens are
+never scored: a prompt is not what the model produces, so its perplexity says little about the model. "mixed" when
+both sources occur. The completions are generated once (`heldout_targets`) and reused for every artifact measured on
+those targets.
 """
 
 from __future__ import annotations
@@ -14,11 +23,18 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from ..data.tokenize import encode_completion, encode_prompt
 from ..models.loading import weights_size_bytes
+from ..rollout.generate import generate
+
+# `scored_on` values: what the held-out positions are (see the module docstring).
+COMPLETIONS, ALIGNED_GREEDY, MIXED = "completions", "aligned_greedy_completions", "mixed"
+GENERATED = "aligned_greedy_completion"  # the `scored_rows` source of a row completed by the aligned model
+MAX_NEW_TOKENS = 64  # default cap of those completions (compress.heldout_max_new_tokens in a run config)
 
 
 @dataclass
@@ -32,6 +48,9 @@ class ArtifactMeasurement:
     base_perplexity: float
     top1_agreement: float
     positions: int
+    scored_on: str  # completions | aligned_greedy_completions | mixed, or the caller's label of its targets
+    scored_rows: dict[str, int]  # rows scored per source: completion, chosen, aligned_greedy_completion
+    max_new_tokens: int | None  # the cap of the aligned model's greedy completions; None when none was generated
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -42,6 +61,75 @@ def artifact_size(path: str | Path) -> int:
     return path.stat().st_size if path.is_file() else weights_size_bytes(path)
 
 
+@dataclass(frozen=True)
+class HeldoutTargets:
+    """The held-out token ids to score, each (ids, index of the first scored token), and what they are."""
+
+    items: list[tuple[list[int], int]]
+    scored_on: str
+    scored_rows: dict[str, int]
+    max_new_tokens: int | None = None
+    dropped: dict[str, int] | None = None  # rows left with no scored token, by reason
+
+    # Iterable as its items, so it is what `compare_on_texts` takes.
+    def __iter__(self) -> Iterator[tuple[list[int], int]]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def heldout_targets(tokenizer: Any, rows: Sequence[dict], *, model: Any = None, max_new_tokens: int = MAX_NEW_TOKENS,
+                    max_length: int = 256, batch_size: int = 32) -> HeldoutTargets:
+    """What to score on normalised held-out rows: each row's completion after its prompt, or, for a row with only a
+    prompt, the completion of `model`'s (the aligned model's) greedy generation (see the module docstring). Each
+    sequence is cut to `max_length` tokens; a row left with no completion token is dropped and counted. Raises
+    ValueError naming the row when a row has no prompt and no completion, when rows need a generation and no model
+    is given, or when no row is left to score."""
+    items: list[tuple[list[int], int] | None] = []
+    sources: list[str] = []
+    pending: list[tuple[int, list[int]]] = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"held-out row {i + 1}: expected a normalised row (an object), got {type(row).__name__}")
+        side = "completion" if row.get("completion") else "chosen" if row.get("chosen") else None
+        if side is not None:
+            enc = encode_completion(tokenizer, row.get("prompt") or [], row[side], max_length=max_length)
+            items.append(None if enc is None else (enc.input_ids, len(enc.prompt_ids)))
+            sources.append(side)
+        elif row.get("prompt"):
+            prompt = encode_prompt(tokenizer, row["prompt"])
+            items.append(None)
+            sources.append(GENERATED)
+            if len(prompt) < max_length:  # else no room is left for a completion token: dropped below
+                pending.append((i, prompt))
+        else:
+            raise ValueError(f"held-out row {i + 1}: expected 'prompt' with 'completion', 'chosen' (pairs) or no "
+                             f"completion (verifiable, prompt-only); got fields {sorted(row)}")
+    if pending and model is None:
+        raise ValueError(f"{len(pending)} held-out rows have no completion (e.g. row {pending[0][0] + 1}): scoring "
+                         "them needs the aligned model to generate their completions")
+    for start in range(0, len(pending), batch_size):
+        chunk = pending[start:start + batch_size]
+        gens = generate(model, tokenizer, [ids for _, ids in chunk], max_new_tokens=max_new_tokens)
+        for (i, prompt), gen in zip(chunk, gens):
+            items[i] = (prompt + gen.completion_ids[:max_length - len(prompt)], len(prompt))
+    kept, scored, dropped = [], {}, {}
+    for item, source in zip(items, sources):
+        if item is None:
+            dropped["no_completion_token_within_max_length"] = dropped.get(
+                "no_completion_token_within_max_length", 0) + 1
+        else:
+            kept.append(item)
+            scored[source] = scored.get(source, 0) + 1
+    if not kept:
+        raise ValueError(f"none of the {len(rows)} held-out rows leaves a completion token to score within "
+                         f"{max_length} tokens")
+    kinds = {ALIGNED_GREEDY if source == GENERATED else COMPLETIONS for source in scored}
+    return HeldoutTargets(kept, kinds.pop() if len(kinds) == 1 else MIXED, scored,
+                          max_new_tokens if GENERATED in scored else None, dropped or None)
+
+
 @torch.no_grad()
 def _logits(model: Any, ids: list[int]) -> torch.Tensor:
     device = next(model.parameters()).device
@@ -50,11 +138,11 @@ def _logits(model: Any, ids: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def compare_on_texts(base: Any, candidate: Any,
-                     token_ids: Sequence[list[int] | tuple[list[int], int]]) -> tuple[float, float, float, int]:
+                     token_ids: Iterable[list[int] | tuple[list[int], int]]) -> tuple[float, float, float, int]:
     """(candidate perplexity, base perplexity, top-1 agreement, positions) over the same held-out token ids.
 
     An item is a list of ids (every token after the first is scored) or (ids, start): only tokens from index
-    `start` on are scored — e.g. a completion after its prompt, which is what the model was trained to produce."""
+    `start` on are scored — e.g. a completion after its prompt (`heldout_targets`)."""
     nll_c = nll_b = 0.0
     agree = positions = 0
     for item in token_ids:
@@ -85,13 +173,14 @@ def greedy_tokens_per_s(model: Any, prompt_ids: list[int], new_tokens: int = 32)
 
 
 def measure_artifact(base: Any, base_dir: str | Path, artifact: str | Path, load: Callable[[], Any],
-                     token_ids: Sequence[list[int]], prompt_ids: list[int], runtime: str) -> ArtifactMeasurement:
-    """Load the artifact with `load` (timed), then measure it against `base` on `token_ids`."""
+                     targets: HeldoutTargets, prompt_ids: list[int], runtime: str) -> ArtifactMeasurement:
+    """Load the artifact with `load` (timed), then measure it against `base` on `targets`."""
     started = time.perf_counter()
     candidate = load()
     load_seconds = time.perf_counter() - started
     candidate.eval()
-    ppl, base_ppl, agreement, positions = compare_on_texts(base, candidate, token_ids)
+    ppl, base_ppl, agreement, positions = compare_on_texts(base, candidate, targets)
     speed = greedy_tokens_per_s(candidate, prompt_ids)
     return ArtifactMeasurement(artifact_size(artifact), weights_size_bytes(base_dir), round(load_seconds, 4),
-                               round(speed, 2), runtime, ppl, base_ppl, agreement, positions)
+                               round(speed, 2), runtime, ppl, base_ppl, agreement, positions, targets.scored_on,
+                               dict(targets.scored_rows), targets.max_new_tokens)

@@ -11,9 +11,11 @@ Guarantees:
   embeddings in many models and is the most sensitive layer). Pruned weights are stored as dense zeros: torch's
   semi-structured 2:4 kernels are CUDA-only, so there is no CPU speed-up, only the pattern (COMPRESSION.md §4.2).
 - `prune_wanda` is a short reference implementation (score |W_ij| * ||X_j||_2 over calibration tokens, Sun et al.
-  2023) kept here for the reconstruction comparisons in the tests; the production Wanda/SparseGPT path is
-  llm-compressor's, in another module. It scores every layer from one pass of the dense model (not layer by layer
-  on already-pruned inputs, as Wanda's own code and llm-compressor do).
+  2023). It is what `prune:wanda` runs when llm-compressor is not installed (`compress.api` dispatches to
+  llm-compressor's Wanda when it imports and records which implementation ran in `details.implementation`), and
+  the tests' reference for the reconstruction comparisons; SparseGPT is llm-compressor's only (`compress.llmc`).
+  It scores every layer from one pass of the dense model (not layer by layer on already-pruned inputs, as Wanda's
+  own code and llm-compressor do), so its masks can differ from theirs.
 """
 
 from __future__ import annotations
