@@ -37,28 +37,29 @@ def test_pipeline_falls_back_to_a_milder_method_and_records_why(tmp_path, capsys
 
     from posttrain.cli import main
 
-    # Measured on this run's held-out rows (verifiable, so on the aligned model's greedy completions: 344 positions):
-    # Q4_0 agrees with the aligned model on 341 (0.9913), Q8_0 on all 344, so a 0.995 gate (343 needed) rejects Q4_0
-    # and accepts Q8_0, each two positions away from the other verdict.
+    # The gate sits far from both verdicts, so float noise across machines cannot flip them. Measured on this run's
+    # held-out rows (verifiable, so the aligned model's greedy completions, 344 positions): magnitude pruning at 0.9
+    # agrees with the aligned model on 0.44 of them, at 0.5 on 0.95; a 0.8 gate rejects the first, keeps the second.
     code = main(["demo", "--quiet", "--train.steps", "2", "--runs_dir", str(tmp_path), "--evaluate.limit", "16",
-                 "--compress.method", "gguf:q4_0", "--compress.fallback", "[gguf:q8_0]",
-                 "--compress.min_top1_agreement", "0.995"])
+                 "--compress.method", "prune:magnitude:0.9", "--compress.fallback", "[prune:magnitude:0.5]",
+                 "--compress.min_top1_agreement", "0.8"])
     run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
     report = json.loads((run_dir / "report.json").read_text())
     assert code == 0, report.get("error")
     con = sqlite3.connect(run_dir / "events.sqlite")
     attempts = [json.loads(r[0]) for r in con.execute("SELECT data FROM events WHERE type = 'compress.result.v1' "
                                                       "ORDER BY seq")]
-    assert [(a["method"], a["accepted"]) for a in attempts] == [("gguf:q4_0", False), ("gguf:q8_0", True)]
-    q4, q8 = attempts
-    assert q4["top1_agreement"] < 0.995 <= q8["top1_agreement"] and q8["reason"] is None
-    assert q4["positions"] == q8["positions"] and q4["scored_on"] == q8["scored_on"] == "aligned_greedy_completions"
-    assert q4["reason"].startswith(f"top-1 agreement {q4['top1_agreement']:.4f} over ")
-    assert q4["reason"].endswith(" held-out positions is below the required 0.995")
+    assert [(a["method"], a["accepted"]) for a in attempts] == [("prune:magnitude:0.9", False),
+                                                                ("prune:magnitude:0.5", True)]
+    harsh, mild = attempts
+    assert harsh["top1_agreement"] < 0.6 and mild["top1_agreement"] > 0.9 and mild["reason"] is None
+    assert harsh["positions"] == mild["positions"]
+    assert harsh["scored_on"] == mild["scored_on"] == "aligned_greedy_completions"
+    assert harsh["reason"] == (f"top-1 agreement {harsh['top1_agreement']:.4f} over {harsh['positions']} held-out "
+                               "positions is below the required 0.8")
     c = report["compression"]
-    assert c["method"] == "gguf:q8_0" and c["top1_agreement"] == q8["top1_agreement"]
-    assert c["rejected"] == [{"method": "gguf:q4_0", "reason": q4["reason"]}]
-    assert f"Rejected by the gate: gguf:q4_0: {q4['reason']}" in (run_dir / "report.md").read_text()
+    assert c["method"] == "prune:magnitude:0.5" and c["top1_agreement"] == mild["top1_agreement"]
+    assert c["rejected"] == [{"method": "prune:magnitude:0.9", "reason": harsh["reason"]}]
+    assert f"Rejected by the gate: prune:magnitude:0.9: {harsh['reason']}" in (run_dir / "report.md").read_text()
     assert report["accuracy"]["compressed"]["n"] == 16
-    gguf = Path(c["path"])
-    assert gguf.name == "model-q8_0.gguf" and gguf.with_name(f"{gguf.stem}.Modelfile").exists()
+    assert Path(c["path"]).is_dir() and Path(c["path"]) != Path(harsh["path"])
