@@ -200,7 +200,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         if method.variant.upper() in LLAMA_CPP_TYPES:
             try:
                 find_llama_quantizer()
-            except RuntimeError as exc:  # neither llama-cpp-python nor llama-quantize: say what to install, stop
+            except RuntimeError as exc:  # no llama.cpp quantizer (see find_llama_quantizer): say what to install
                 print(f"posttrain: {exc}", file=sys.stderr)
                 return 2
     if args.calibration:

@@ -17,10 +17,13 @@ Guarantees of :func:`export_gguf`:
   A 2-D tensor whose row length is not a multiple of the type's block falls back to F16. With "Q4_0" the output
   projection (output.weight, or token_embd.weight when it doubles as the output) is Q8_0, since llama.cpp's own
   quantizer also keeps that tensor at a higher precision;
-- "Q4_K_M", "Q5_K_M", "Q6_K" need llama.cpp's quantizer (llama-cpp-python's ``llama_model_quantize`` or a
-  ``llama-quantize`` binary on PATH): the model is first written at the checkpoint's own precision next to the
-  output, quantized by llama.cpp, and the intermediate file removed. Without either, a RuntimeError names what to
-  install. llama.cpp substitutes other types for tensors whose rows are not multiples of 256;
+- "Q4_K_M", "Q5_K_M", "Q6_K" need llama.cpp's quantizer, the first found of (see :func:`find_llama_quantizer`):
+  the libllama named by ``$POSTTRAIN_LIBLLAMA``, llama-cpp-python's ``llama_model_quantize``, a ``llama-quantize``
+  binary on PATH, node-llama-cpp's prebuilt libllama (:mod:`posttrain.compress.llama_quantize`). The model is first
+  written at the checkpoint's own precision next to the output, quantized by llama.cpp, and the intermediate file
+  removed. Without any, a RuntimeError names what to install. K-quants pack rows in blocks of 256: for a tensor
+  whose rows are not a multiple of 256, llama.cpp writes Q5_0 for Q4_K, Q5_1 for Q5_K, Q8_0 for Q6_K (F16 when
+  the rows are not a multiple of 32 either);
 - tensors are streamed one at a time (peak memory is about one tensor, not the model).
 Not handled (raises NotImplementedError): rope types other than default / linear (llama3, yarn, ...), other
 architectures. Mistral's sliding window is not written (llama.cpp's llama arch attends to the whole context), so
@@ -45,6 +48,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
+from posttrain.compress import llama_quantize
 from posttrain.compress.gguf_vocab import write_tokenizer
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -246,9 +250,18 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, qtype: str = "f16",
 
 
 def find_llama_quantizer() -> tuple[str, Any]:
-    """("python", llama_cpp) when llama-cpp-python is importable, else ("binary", path of llama-quantize).
+    """The llama.cpp quantizer to use, in this order:
 
-    Raises RuntimeError naming what to install when neither is available."""
+    1. ("library", path) when ``$POSTTRAIN_LIBLLAMA`` names a libllama: an explicit choice beats whatever is found;
+    2. ("python", llama_cpp) when llama-cpp-python is importable;
+    3. ("binary", path) for a ``llama-quantize`` on PATH;
+    4. ("library", path) for node-llama-cpp's prebuilt libllama (``llama_quantize.find_libllama``), which CI installs
+       for its llama.cpp tests: last, since something the user installed on purpose comes first.
+
+    Raises RuntimeError naming what to install when none is available."""
+    explicit = os.environ.get(llama_quantize.LIBRARY_ENV)
+    if explicit:
+        return "library", llama_quantize.find_libllama()  # raises when the variable names no file
     try:
         import llama_cpp  # type: ignore[import-not-found]
 
@@ -259,9 +272,15 @@ def find_llama_quantizer() -> tuple[str, Any]:
     binary = shutil.which("llama-quantize")
     if binary:
         return "binary", binary
+    library = llama_quantize.find_libllama()
+    if library is not None:
+        return "library", library
     raise RuntimeError("K-quant GGUF types (Q4_K_M, Q5_K_M, Q6_K) need llama.cpp's quantizer: "
                        "`pip install llama-cpp-python` (builds llama.cpp from source, about 10 minutes on 2 cores) "
-                       "or put llama.cpp's `llama-quantize` binary on PATH. F32/F16/BF16/Q8_0/Q4_0 need neither.")
+                       "or put llama.cpp's `llama-quantize` binary on PATH, or set POSTTRAIN_LIBLLAMA to a libllama "
+                       "shared library (node-llama-cpp's prebuilt one is found by itself under "
+                       f"{llama_quantize.node_llama_cpp_prefix()}: `npm install --prefix <that folder> "
+                       "--ignore-scripts node-llama-cpp`). F32/F16/BF16/Q8_0/Q4_0 need none of these.")
 
 
 def _export_with_llama_cpp(model_dir: Path, out_path: Path, qtype: str, **kwargs: Any) -> Path:
@@ -280,6 +299,8 @@ def _export_with_llama_cpp(model_dir: Path, out_path: Path, qtype: str, **kwargs
             rc = quantizer.llama_model_quantize(str(tmp).encode(), str(out_path).encode(), ctypes.byref(params))
             if rc != 0:
                 raise RuntimeError(f"llama_model_quantize returned {rc} for {qtype}")
+        elif kind == "library":
+            llama_quantize.quantize_with_libllama(quantizer, tmp, out_path, int(FILE_TYPES[qtype]))
         else:
             run = subprocess.run([quantizer, str(tmp), str(out_path), qtype, str(os.cpu_count() or 1)],
                                  capture_output=True, text=True)
