@@ -212,6 +212,8 @@ def test_llm_compressor_methods_without_the_extra_name_the_install_command(capsy
 def test_k_quant_without_llama_cpp_names_what_to_install(capsys, monkeypatch, tmp_path, base_dir, calibration):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("POSTTRAIN_LIBLLAMA", raising=False)  # and no libllama: not named, not under node-llama-cpp
+    monkeypatch.setenv("POSTTRAIN_NODE_LLAMA_CPP", str(tmp_path / "no-node-llama-cpp"))
     code, _, err = compress_cli(capsys, "--model", str(base_dir), "--method", "gguf:q4_k_m", "--calibration",
                                 str(calibration), "--out", str(tmp_path / "out"))
     assert code == 2 and len(err) == 1
@@ -230,6 +232,7 @@ def test_k_quant_with_llama_quantize_on_path_goes_ahead(capsys, monkeypatch, tmp
     script.chmod(0o755)
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("POSTTRAIN_LIBLLAMA", raising=False)  # would come before PATH
     code, _, err = compress_cli(capsys, "--model", str(base_dir), "--method", "gguf:q4_k_m", "--calibration",
                                 str(calibration), "--out", str(tmp_path / "out"))
     assert code == 0, err

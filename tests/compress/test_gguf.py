@@ -263,12 +263,27 @@ def test_quantized_tensors_within_half_a_step(model_dirs, qtype, tmp_path):
     assert checked == 2 * 7 + 2
 
 
+def no_libllama(monkeypatch, tmp_path: Path) -> None:
+    """Neither $POSTTRAIN_LIBLLAMA nor a node-llama-cpp install (the checkout's .cache may hold one)."""
+    monkeypatch.delenv("POSTTRAIN_LIBLLAMA", raising=False)
+    monkeypatch.setenv("POSTTRAIN_NODE_LLAMA_CPP", str(tmp_path / "no-node-llama-cpp"))
+
+
 def test_kquant_needs_llama_cpp(model_dirs, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    with pytest.raises(RuntimeError, match="llama-cpp-python.*llama-quantize"):
+    no_libllama(monkeypatch, tmp_path)
+    with pytest.raises(RuntimeError, match="llama-cpp-python.*llama-quantize.*POSTTRAIN_LIBLLAMA"):
         export_gguf(model_dirs["gpt2"], tmp_path / "k.gguf", "Q4_K_M")
     assert not (tmp_path / "k.gguf").exists()
+
+
+def test_kquant_libllama_variable_must_name_a_file(model_dirs, tmp_path, monkeypatch):
+    """$POSTTRAIN_LIBLLAMA is an explicit choice: a wrong path is an error, never a silent fallback."""
+    monkeypatch.setenv("POSTTRAIN_LIBLLAMA", str(tmp_path / "libllama.so"))
+    with pytest.raises(RuntimeError, match=f"POSTTRAIN_LIBLLAMA={tmp_path / 'libllama.so'} is not a file"):
+        export_gguf(model_dirs["gpt2"], tmp_path / "k.gguf", "Q4_K_M")
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even the intermediate file
 
 
 def test_kquant_runs_llama_quantize_from_path(model_dirs, tmp_path, monkeypatch):
@@ -281,6 +296,7 @@ def test_kquant_runs_llama_quantize_from_path(model_dirs, tmp_path, monkeypatch)
     script.chmod(0o755)
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("POSTTRAIN_LIBLLAMA", raising=False)  # node-llama-cpp's libllama, if any, comes after PATH
     out = export_gguf(model_dirs["gpt2"], tmp_path / "out" / "k.gguf", "q6_k")
     args = (tmp_path / "args").read_text().split()
     assert args[1:3] == [str(out), "Q6_K"] and args[0].endswith(".f32.tmp.gguf") and not Path(args[0]).exists()
@@ -306,6 +322,7 @@ def test_kquant_uses_llama_cpp_python_when_importable(model_dirs, tmp_path, monk
 
     fake = types.SimpleNamespace(llama_model_quantize_default_params=Params, llama_model_quantize=quantize)
     monkeypatch.setitem(sys.modules, "llama_cpp", fake)
+    monkeypatch.delenv("POSTTRAIN_LIBLLAMA", raising=False)
     out = export_gguf(model_dirs["qwen2"], tmp_path / "k.gguf", "Q4_K_M")
     assert calls[0][1] == gguf.LlamaFileType.MOSTLY_Q4_K_M == 15 and not Path(calls[0][0]).exists()
     assert out.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["k.gguf"]
