@@ -239,6 +239,7 @@ def test_k_quant_with_llama_quantize_on_path_goes_ahead(capsys, monkeypatch, tmp
     report = json.loads((tmp_path / "out" / "compression.json").read_text())
     assert Path(report["artifact"]).name == "model-q4_k_m.gguf" and Path(report["artifact"]).is_file()
     assert (tmp_path / "args").read_text().split()[1:3] == [report["artifact"], "Q4_K_M"]
+    assert report["details"]["quantizer"] == {"kind": "binary", "path": str(script)}  # which llama.cpp quantizer ran
 
 
 @pytest.mark.quant

@@ -347,6 +347,8 @@ def test_cli_k_quant_uses_node_llama_cpp_libllama(capsys, monkeypatch, tmp_path,
     report = json.loads((tmp_path / "out" / "compression.json").read_text())
     artifact = Path(report["artifact"])
     assert artifact.name == "model-q4_k_m.gguf"
+    assert report["details"]["quantizer"]["kind"] == "library"
+    assert Path(report["details"]["quantizer"]["path"]).name.startswith("libllama")
     assert gguf.GGUFReader(artifact).fields["general.file_type"].contents() == FILE_TYPES["Q4_K_M"]
     assert tensor_types(artifact)["blk.0.ffn_up.weight"] == "Q4_K"
     assert sorted(p.name for p in artifact.parent.iterdir() if p.suffix == ".gguf") == ["model-q4_k_m.gguf"]

@@ -175,14 +175,20 @@ def _apply(method: Method, base_dir: str, out_dir: Path, rows: Sequence[dict], t
         return Path(path), hf_loader(path), "transformers + compressed-tensors", {
             "group_size": options.group_size, "bits": 4}
     if method.family == "gguf":
-        from .gguf_export import export_gguf
+        from .gguf_export import LLAMA_CPP_TYPES, export_gguf, find_llama_quantizer
         from .modelfile import write_modelfile
 
+        gguf_details: dict[str, Any] = {}
+        if method.variant.upper() in LLAMA_CPP_TYPES:  # K-quants: say which llama.cpp quantizer export_gguf uses
+            kind, quantizer = find_llama_quantizer()
+            gguf_details["quantizer"] = {"kind": kind,
+                                         "path": getattr(quantizer, "__file__", None) if kind == "python"
+                                         else str(quantizer)}
         out_dir.mkdir(parents=True, exist_ok=True)
         path = export_gguf(base_dir, out_dir / f"model-{method.variant}.gguf", method.variant)
-        modelfile = write_modelfile(path, tokenizer)
+        gguf_details["modelfile"] = str(write_modelfile(path, tokenizer))
         loader = lambda: AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)  # noqa: E731
-        return path, loader, "transformers (GGUF dequantized to fp32)", {"modelfile": str(modelfile)}
+        return path, loader, "transformers (GGUF dequantized to fp32)", gguf_details
     model = load_model(base_dir)
     calib = calibration_ids(tokenizer, rows[:16])
     if method.family == "prune":
