@@ -1,4 +1,5 @@
-"""The shared engine: accumulation normalised over the window, schedule, checkpoints that reload."""
+"""The shared engine: accumulation normalised over the window, clipping (and the pre-clip norm it logs), schedule,
+checkpoints that reload, and seeds (same seed: bitwise the same run; another seed: another run)."""
 
 import copy
 
@@ -123,3 +124,86 @@ def test_periodic_checkpoints_are_written_and_reload(tiny_model, tiny_tokenizer,
 def test_checkpoint_every_without_output_dir_is_refused(tiny_model):
     with pytest.raises(ValueError, match="output_dir"):
         Engine(tiny_model, TrainOptions(checkpoint_every=2))
+
+
+def _global_norm(grads):
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads.values()])))
+
+
+def test_clipping_scales_the_global_norm_to_max_grad_norm_and_logs_the_pre_clip_norm(tiny_model, tiny_tokenizer):
+    pad = tiny_tokenizer.pad_token_id
+
+    def one_step(max_grad_norm):
+        model = copy.deepcopy(tiny_model)
+        engine = Engine(model, TrainOptions(steps=1, max_grad_norm=max_grad_norm))
+        grads = _capture_grads(engine)  # what the optimizer receives: after the window normalisation and clipping
+        metrics = engine.step([_rows()], _loss_fn(model, pad))
+        return metrics, grads
+
+    raw_metrics, raw = one_step(None)
+    raw_norm = _global_norm(raw)
+    assert raw_metrics["grad_norm"] == pytest.approx(raw_norm, rel=1e-6)
+
+    # Pre-clip norm above the limit: one common factor brings the global norm down to max_grad_norm (torch divides
+    # by norm + 1e-6, so "exactly" is up to that epsilon: a relative 1e-6 / norm).
+    limit = raw_norm / 4
+    clipped_metrics, clipped = one_step(limit)
+    assert _global_norm(clipped) == pytest.approx(limit, rel=1e-5)
+    for name in raw:
+        torch.testing.assert_close(clipped[name], raw[name] * (limit / raw_norm), atol=1e-9, rtol=1e-5)
+    # The logged grad_norm is the norm *before* clipping, the same number as the unclipped run's.
+    assert clipped_metrics["grad_norm"] == raw_metrics["grad_norm"]
+    assert clipped_metrics["grad_norm"] == pytest.approx(4 * limit, rel=1e-6)
+
+    # Pre-clip norm below the limit: the gradients reach the optimizer untouched, bit for bit.
+    loose_metrics, loose = one_step(raw_norm * 4)
+    assert loose.keys() == raw.keys()
+    assert all(torch.equal(loose[name], raw[name]) for name in raw)
+    assert loose_metrics["grad_norm"] == raw_metrics["grad_norm"]
+
+
+# -- seeds --------------------------------------------------------------------------------------------------------
+TIMINGS = {"step_s"}  # wall-clock measurements: the only metrics allowed to differ between identical runs
+
+
+def _run(trainer, make_llama, seed):
+    model = make_llama()  # the same initial weights every time: only the trainer's seed varies
+    history = trainer(model, seed).history
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, \
+        [{k: v for k, v in m.items() if k not in TIMINGS} for m in history]
+
+
+def _sft(tokenizer, rows):
+    from posttrain.align.sft import train_sft
+
+    return lambda model, seed: train_sft(model, tokenizer, rows, TrainOptions(steps=3, batch_size=4, lr=1e-3,
+                                                                              seed=seed))
+
+
+def _grpo(tokenizer, rows):
+    from posttrain.align.grpo import GRPOSettings, train_grpo
+
+    settings = GRPOSettings(num_generations=4, prompts_per_step=2, max_new_tokens=8)
+    lengths = lambda texts, answers: [float(len(t)) for t in texts]  # noqa: E731  (varies within a group)
+    return lambda model, seed: train_grpo(model, tokenizer, rows, TrainOptions(steps=2, lr=1e-3, seed=seed),
+                                          settings, lengths)
+
+
+@pytest.mark.parametrize("method", ["sft", "grpo"])
+def test_same_seed_is_bitwise_identical_and_another_seed_differs(method, tiny_tokenizer, make_llama):
+    from posttrain.tasks import arithmetic
+
+    train, _ = arithmetic.make_splits(seed=0, n_train=32, n_test=4)
+    trainer = (_sft(tiny_tokenizer, arithmetic.sft_rows(train)) if method == "sft"
+               else _grpo(tiny_tokenizer, arithmetic.verifiable_rows(train)))
+    params_a, history_a = _run(trainer, make_llama, seed=1)
+    params_b, history_b = _run(trainer, make_llama, seed=1)
+    params_c, history_c = _run(trainer, make_llama, seed=2)
+    assert history_a == history_b  # every metric, bit for bit
+    assert all(torch.equal(params_a[n], params_b[n]) for n in params_a)
+    # Another seed draws other batches (SFT) or other samples (GRPO): other metrics and other weights.
+    assert history_c != history_a
+    assert any(not torch.equal(params_a[n], params_c[n]) for n in params_a)
+    if method == "grpo":
+        assert [m["completion_length"] for m in history_c] != [m["completion_length"] for m in history_a] or \
+            [m["reward"] for m in history_c] != [m["reward"] for m in history_a]

@@ -145,3 +145,31 @@ def test_orpo_odds_ratio_exact_and_stable():
     assert values.tolist() == pytest.approx(expected, rel=1e-9)
     values.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_orpo_full_objective_exact_nll_plus_lambda_odds_ratio():
+    """The whole ORPO objective as the preference trainer computes it (`pair_losses`), by hand from ALGORITHMS.md §9:
+    L = L_SFT + λ·L_OR, with L_SFT the chosen completion's token-mean NLL per pair (docs/decisions.md) and
+    L_OR = −log σ(log odds(y_w) − log odds(y_l)), log odds(y) = ℓ − log(1 − e^ℓ), ℓ = summed log-prob / tokens."""
+    from posttrain.align.preference import PreferenceSettings, pair_losses
+
+    chosen_sums, chosen_counts = [-2.0, -4.5], [4, 3]
+    rejected_sums, rejected_counts = [-6.0, -1.0], [3, 5]
+    logps = torch.tensor(chosen_sums + rejected_sums, dtype=torch.float64)
+    counts = torch.tensor(chosen_counts + rejected_counts, dtype=torch.float64)
+    for lam in (0.1, 0.25):
+        settings = PreferenceSettings(method="orpo", beta=None if lam == 0.1 else lam)  # None: λ's default, 0.1
+        losses, r_c, r_r = pair_losses("orpo", settings, logps, counts, None)
+        expected, exp_rc, exp_rr = [], [], []
+        for sw, nw, sl, nl in zip(chosen_sums, chosen_counts, rejected_sums, rejected_counts):
+            lw, ll = sw / nw, sl / nl
+            log_odds = (lw - math.log(1 - math.exp(lw))) - (ll - math.log(1 - math.exp(ll)))
+            odds_ratio_loss = -math.log(1 / (1 + math.exp(-log_odds)))
+            expected.append(-lw + lam * odds_ratio_loss)
+            exp_rc.append(lam * lw)
+            exp_rr.append(lam * ll)
+        assert losses.tolist() == pytest.approx(expected, rel=1e-12)
+        assert r_c.tolist() == pytest.approx(exp_rc, rel=1e-12) and r_r.tolist() == pytest.approx(exp_rr, rel=1e-12)
+    # Pair 1 worked by hand: ℓ_w = −0.5, ℓ_l = −2; log odds_w = −0.5 − ln(1 − e^−0.5) = 0.432752,
+    # log odds_l = −2 − ln(1 − e^−2) = −1.854587; L_OR = ln(1 + e^−2.287339) = 0.096706; λ = 0.25 -> 0.5 + 0.024176.
+    assert losses[0].item() == pytest.approx(0.524176, abs=1e-6)
