@@ -168,7 +168,8 @@ class EvalOptions(_Strict):
     gate: dict[str, float] = Field(default_factory=dict, description="maximum allowed drop per metric, e.g. "
                                    "{'task': 0.05, 'gsm8k/exact_match_strict': 0.02}: aligned vs base and compressed "
                                    "vs aligned; a larger drop fails the run with the numbers ('task' = the run's "
-                                   "own held-out metric)")
+                                   "own held-out metric), except that a compressed model past it makes the "
+                                   "coordinator compress again with the next compress.fallback not yet tried")
     limit: int | None = Field(200, ge=1, description="evaluate at most this many held-out rows")
     batch_size: int = Field(32, ge=1)
     max_new_tokens: int = Field(64, ge=1)

@@ -6,7 +6,10 @@ Guarantees:
 - a quantity that was never measured is `null` in JSON and "not measured" in Markdown, never a number;
 - `status` is "succeeded" or "failed". A log without ``run.finished.v1`` (a crashed or still-running run) reports
   "failed" with an error saying the run did not finish, because its results are incomplete;
-- `stages` are listed in the order they started (a skipped stage that never started sits where it was decided).
+- `stages` are listed in the order they started (a skipped stage that never started sits where it was decided);
+  a stage run again after the evaluation gate rejected a compressed model is `compress#2`, `evaluate#2`, ... after
+  the earlier attempts, whose evaluate reads status "rejected";
+- the accuracies are each model's last measurement: after a gate fallback, `compressed` is the kept artifact's.
 
 report.json keys: run_id, status, method, rationale, runner_up, accuracy {base, aligned, compressed} each
 {value, n, metric} or null, sizes_bytes {aligned, compressed}, stages [{name, status, wall_s}], error
@@ -15,8 +18,10 @@ min, max, nonfinite}}}, compression {method, path, reload_ok, size_bytes, base_s
 perplexity, base_perplexity, top1_agreement, tokens_per_s, load_seconds, runtime, positions, scored_on
 (what the held-out positions are: completions | aligned_greedy_completions | mixed), scored_rows {source: rows},
 max_new_tokens (cap of the aligned model's greedy completions) (each null when not measured),
-details (the method's own record, e.g. implementation; null when none), rejected [{method, reason}]} or null,
-evals (every eval result), started_at, wall_s.
+details (the method's own record, e.g. implementation; null when none), rejected [{method, reason}] (by the
+compressor's own gate)} or null, gate_rejections [{method, path, attempt, failures [{metric, before, after,
+before_value, before_n, after_value, after_n, drop, allowed, text}], next_method (null: none left), reason}] (the
+evaluation gate's verdicts on compressed models, in order), evals (every eval result), started_at, wall_s.
 """
 
 from __future__ import annotations
@@ -119,6 +124,7 @@ def build_report(run_dir: str | Path, state: RunState | None = None) -> dict[str
         "data": state.data_profile,
         "training": _training(state),
         "compression": compression,
+        "gate_rejections": [dict(g) for g in state.gate_rejections],
         "evals": state.evals,
         "notes": [{"source": n.get("source"), "level": n.get("level"), "text": n.get("text")} for n in state.notes
                   if n.get("level") in ("info", "warning")],
@@ -208,6 +214,13 @@ def render_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"Scored on: {_scored_on(c)}")
         for rej in c.get("rejected") or []:
             lines.append(f"Rejected by the gate: {rej['method']}: {rej['reason']}")
+    for g in r.get("gate_rejections") or []:
+        then = f"next: {g['next_method']}" if g.get("next_method") else "no fallback left"
+        lines.append(f"Rejected by the evaluation gate: {g['method']} (compress attempt {g['attempt']}): "
+                     f"{'; '.join(f['text'] for f in g['failures'])}; {then}")
+    if r.get("gate_rejections") and c and r["status"] == "succeeded":
+        kept = r["accuracy"].get("compressed")
+        lines.append(f"Kept: {c['method']}, compressed accuracy {_acc(kept)}" + (f" (n={kept['n']})" if kept else ""))
     lines.append("")
     t = r.get("training")
     lines += ["## Training", ""]

@@ -11,6 +11,10 @@ that cannot run or raises (a missing library, bad options, a bug) ends the stage
 method, the exception and every attempt rejected before it (never retried: the same inputs fail the same way); the
 traceback of an unexpected exception goes to the log as an error note. Errors do not fall back: a fallback is a
 milder setting for a quality gate, not a way to hide a method that does not work.
+
+The methods tried, in order, are `[compress.method, *compress.fallback]` unless the task names its own
+(`params.methods`: the coordinator's re-assignment after the evaluation gate rejected an artifact, the fallbacks not
+yet tried); the result's `tried` lists the methods this task ran, the accepted one last.
 """
 
 from __future__ import annotations
@@ -60,7 +64,9 @@ class CompressorAgent:
             targets = measurement_targets(p["model"], heldout, opts.heldout_max_new_tokens)
         except ValueError as exc:  # a held-out row that cannot be scored, named by the message
             raise TaskError(f"cannot measure on the held-out rows ({p['eval_path']}): {exc}") from exc
-        methods = [opts.method, *opts.fallback]
+        methods = p.get("methods") or [opts.method, *opts.fallback]
+        if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+            raise TaskError(f"params.methods must be a list of compression method strings, got {methods!r}")
         rejected = []
         for attempt, method in enumerate(methods):
             ctx.progress("compress", attempt, len(methods), method)
@@ -90,6 +96,7 @@ class CompressorAgent:
             if reason is None:
                 ctx.progress("compress", len(methods), len(methods), "done")
                 return {"path": report["artifact"], "method": method, "size_bytes": report["size_bytes"],
-                        "base_size_bytes": report["base_size_bytes"], "rejected": rejected}
+                        "base_size_bytes": report["base_size_bytes"], "rejected": rejected,
+                        "tried": methods[:attempt + 1]}
             rejected.append(f"{method}: {reason}")
         raise TaskError("every compression method was rejected by the gate: " + "; ".join(rejected))

@@ -6,6 +6,13 @@ any other kind -> nothing is measured, and a note says so. Every value comes wit
 records under `artifacts/eval/`. The configured standard benchmarks run on each model; with
 `evaluate.mt_bench_pairwise`, the aligned model's MT-Bench answers are also judged against the base model's (pairwise,
 positions swapped), logged as benchmark `mt_bench_vs_base` with the win/tie/loss counts in a note.
+
+The gate (`evaluate.gate`, the largest allowed drop per metric): a drop from base to aligned fails the task (no
+compression can fix it); a drop from aligned to compressed alone is a verdict, not an error: the task completes with
+`gate_failures` (one `GateFailure` record each, with the numbers) and the coordinator decides (a milder compression
+method, or the run fails). A re-evaluation (`params.attempt` > 1) measures only the models it is given, gates them
+against `base_results` (which then include the aligned model's), and writes its per-sample records to
+`<model>.attempt<N>.jsonl` so the earlier attempt's records stay as they were.
 """
 
 from __future__ import annotations
@@ -67,12 +74,12 @@ class EvaluatorAgent:
             task = self._task_metric(ctx, stage, name, ref, model, tokenizer, p)
             if task is not None:
                 measured["task"] = task
-            measured.update(self._benchmarks(ctx, stage, name, ref, model, tokenizer))
+            measured.update(self._benchmarks(ctx, stage, name, ref, model, tokenizer, _attempt_suffix(p)))
             results[name] = measured
-        failures = gate_failures(self.config.evaluate.gate, {**(p.get("base_results") or {}), **results})
-        if failures:
-            raise TaskError("gate failed: " + "; ".join(failures))
-        return {"results": results}
+        failures = gate_drops(self.config.evaluate.gate, {**(p.get("base_results") or {}), **results})
+        if any(f["before"] == "base" for f in failures):
+            raise TaskError("gate failed: " + "; ".join(f["text"] for f in failures))
+        return {"results": results, "gate_failures": failures}
 
     def _task_metric(self, ctx: AgentContext, stage: str, name: str, ref: str, model: Any, tokenizer: Any,
                      p: dict[str, Any]) -> dict[str, Any] | None:
@@ -91,7 +98,7 @@ class EvaluatorAgent:
                 "base not measured: the base model has no reward head yet (one is added for training)")})
             return None
         rows = read_jsonl(p["eval_path"], limit=opts.limit)
-        samples = self.run_dir / "artifacts" / "eval" / f"{name}.jsonl"
+        samples = self.run_dir / "artifacts" / "eval" / f"{name}{_attempt_suffix(p)}.jsonl"
 
         def progress(done: int, total: int) -> None:
             ctx.progress(stage, done, total, name)
@@ -114,12 +121,12 @@ class EvaluatorAgent:
         return payload
 
     def _benchmarks(self, ctx: AgentContext, stage: str, name: str, ref: str, model: Any,
-                    tokenizer: Any) -> dict[str, dict[str, Any]]:
+                    tokenizer: Any, suffix: str = "") -> dict[str, dict[str, Any]]:
         """The configured standard benchmarks for one model; each metric published as eval.result.v1."""
         opts = self.config.evaluate
         if not opts.benchmarks or is_reward_model(resolve_model_path(ref)):
             return {}
-        samples = self._benchmark_samples(name)
+        samples = self._benchmark_samples(name, suffix)
         options: dict[str, Any] = {"allow_code_execution": opts.allow_code_execution}
         if opts.judge:
             options["judge"] = opts.judge
@@ -139,8 +146,8 @@ class EvaluatorAgent:
             measured.update(self._mt_bench_vs_base(ctx, ref, model, tokenizer, options, samples, run))
         return measured
 
-    def _benchmark_samples(self, name: str) -> Path:
-        return self.run_dir / "artifacts" / "eval" / f"{name}.benchmarks.jsonl"
+    def _benchmark_samples(self, name: str, suffix: str = "") -> Path:
+        return self.run_dir / "artifacts" / "eval" / f"{name}{suffix}.benchmarks.jsonl"
 
     def _mt_bench_vs_base(self, ctx: AgentContext, ref: str, model: Any, tokenizer: Any, options: dict[str, Any],
                           samples: Path, run: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -185,8 +192,19 @@ class EvaluatorAgent:
         return measured
 
 
+def _attempt_suffix(p: dict[str, Any]) -> str:
+    attempt = int(p.get("attempt") or 1)
+    return "" if attempt == 1 else f".attempt{attempt}"
+
+
 def gate_failures(gate: dict[str, float], results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
-    """Each configured metric may drop at most its allowance from base to aligned and from aligned to compressed."""
+    """Each configured metric may drop at most its allowance from base to aligned and from aligned to compressed:
+    one sentence with the numbers per drop past its allowance."""
+    return [f["text"] for f in gate_drops(gate, results)]
+
+
+def gate_drops(gate: dict[str, float], results: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """`gate_failures` as records: the fields of `bus.events.GateFailure` (`text` is the sentence)."""
     failures = []
     for key, allowed in gate.items():
         for before, after in (("base", "aligned"), ("aligned", "compressed")):
@@ -195,6 +213,10 @@ def gate_failures(gate: dict[str, float], results: dict[str, dict[str, dict[str,
                 continue
             drop = a["value"] - b["value"]
             if drop > allowed:
-                failures.append(f"{key} dropped from {a['value']:.4f} ({before}, n={a['n']}) to {b['value']:.4f} "
-                                f"({after}, n={b['n']}), by {drop:.4f} > the allowed {allowed:g}")
+                failures.append({
+                    "metric": key, "before": before, "after": after, "before_value": a["value"],
+                    "before_n": a["n"], "after_value": b["value"], "after_n": b["n"], "drop": drop,
+                    "allowed": allowed,
+                    "text": f"{key} dropped from {a['value']:.4f} ({before}, n={a['n']}) to {b['value']:.4f} "
+                            f"({after}, n={b['n']}), by {drop:.4f} > the allowed {allowed:g}"})
     return failures

@@ -38,14 +38,16 @@ class StageStarted(Payload):
     stage: str
     task_id: str
     agent: str
+    attempt: int = 1  # > 1: the stage runs again (compress and evaluate after the evaluation gate rejected a method)
 
 
 class StageCompleted(Payload):
     stage: str
     task_id: str
-    status: Literal["succeeded", "failed", "skipped"]
+    status: Literal["succeeded", "failed", "skipped", "rejected"]  # rejected: measured, but the gate said no
     wall_s: float
     reason: str | None = None
+    attempt: int = 1
 
 
 class AgentStarted(Payload):
@@ -171,6 +173,31 @@ class CompressResult(Payload):
     reason: str | None = None
 
 
+class GateFailure(Payload):
+    """One metric past its allowed drop between two models (`evaluate.gate`)."""
+    metric: str  # the gate's key: "task" (the run's own held-out metric) or "benchmark/metric"
+    before: str  # "base" | "aligned"
+    after: str   # "aligned" | "compressed"
+    before_value: float
+    before_n: int
+    after_value: float
+    after_n: int
+    drop: float
+    allowed: float
+    text: str  # the same, in one sentence
+
+
+class GateRejected(Payload):
+    """The coordinator's verdict on a compressed model the evaluation gate rejected: the next milder compression
+    method it assigns, or none left (the run fails)."""
+    method: str  # the compression method whose artifact was rejected
+    path: str
+    attempt: int  # of the compress stage that produced it
+    failures: list[GateFailure]
+    next_method: str | None = None  # None: no fallback left, the run fails
+    reason: str
+
+
 class Note(Payload):
     level: Literal["info", "warning", "error"]
     text: str
@@ -195,6 +222,7 @@ EVENT_TYPES: dict[str, type[Payload]] = {
     "train.checkpoint.v1": CheckpointSaved,
     "eval.result.v1": EvalResult,
     "compress.result.v1": CompressResult,
+    "gate.rejected.v1": GateRejected,
     "run.note.v1": Note,
 }
 

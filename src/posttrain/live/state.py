@@ -7,6 +7,9 @@ Guarantees:
   reader that re-reads an overlapping batch cannot double-count a metric.
 - Unknown event types (a newer writer) are kept in `messages` and otherwise ignored, never an error.
 - `summarize(type, data)` gives the few payload fields that matter, short, for one-line displays.
+- A stage that runs again (`attempt` k > 1 in stage.started / stage.completed: compress and evaluate after the
+  evaluation gate rejected a compressed model) is its own entry `name#k` in `stages`, after the earlier attempts,
+  which keep their status; logs without `attempt` fold as attempt 1, as before.
 """
 
 from __future__ import annotations
@@ -41,13 +44,19 @@ class AgentView:
 
 @dataclass
 class StageView:
-    name: str
-    status: str = "running"      # running | succeeded | failed | skipped
+    name: str                    # the stage, or `stage#k` for its attempt k > 1
+    status: str = "running"      # running | succeeded | failed | skipped | rejected (measured; the gate said no)
     agent: str | None = None
     task_id: str | None = None
     started: float | None = None
     wall_s: float | None = None
     reason: str | None = None
+    attempt: int = 1
+
+
+def stage_label(stage: str, attempt: int | None) -> str:
+    """How views name attempt k of a stage: the stage itself the first time, `stage#k` after."""
+    return stage if not attempt or attempt == 1 else f"{stage}#{attempt}"
 
 
 @dataclass
@@ -123,6 +132,11 @@ def summarize(type: str, data: dict[str, Any]) -> str:
         return "  ".join(parts + kv("reload_ok"))
     if type == "eval.result.v1":
         return "  ".join(kv("model", "metric", "value", "n"))
+    if type == "gate.rejected.v1":
+        metrics = ",".join(f.get("metric", "?") for f in d.get("failures") or [])
+        return "  ".join(kv("method") + [f"metrics={metrics}", f"next={d.get('next_method') or 'none'}"])
+    if type in ("stage.started.v1", "stage.completed.v1") and (d.get("attempt") or 1) > 1:
+        d = {**d, "stage": stage_label(d.get("stage"), d.get("attempt"))}
     if type == "run.note.v1":
         return f"{d.get('level')}: {_short(d.get('text'), 80)}"
     keys = {
@@ -168,6 +182,7 @@ class RunState:
         self.data_profile: dict[str, Any] | None = None
         self.evals: list[dict[str, Any]] = []
         self.compress: list[dict[str, Any]] = []
+        self.gate_rejections: list[dict[str, Any]] = []  # gate.rejected.v1 payloads: the evaluation gate's verdicts
         self.checkpoints: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []  # task.failed and event.deadlettered payloads, with the sender
         self.notes: list[dict[str, Any]] = []
@@ -258,12 +273,13 @@ class RunState:
             self.error = {"agent": last.get("agent"), "task": last.get("task_id"), "reason": last.get("reason")}
 
     def _on_stage_started_v1(self, source, target, t, d) -> None:
-        stage = self._stage(d["stage"])
+        stage = self._stage(stage_label(d["stage"], d.get("attempt")))
         stage.status, stage.agent, stage.task_id, stage.started = "running", d.get("agent"), d.get("task_id"), t
-        stage.wall_s, stage.reason = None, None
+        stage.wall_s, stage.reason, stage.attempt = None, None, d.get("attempt") or 1
 
     def _on_stage_completed_v1(self, source, target, t, d) -> None:
-        stage = self._stage(d["stage"])
+        stage = self._stage(stage_label(d["stage"], d.get("attempt")))
+        stage.attempt = d.get("attempt") or 1
         stage.status, stage.wall_s, stage.reason = d.get("status", "succeeded"), d.get("wall_s"), d.get("reason")
         stage.task_id = stage.task_id or d.get("task_id")
 
@@ -334,6 +350,9 @@ class RunState:
 
     def _on_compress_result_v1(self, source, target, t, d) -> None:
         self.compress.append(dict(d))
+
+    def _on_gate_rejected_v1(self, source, target, t, d) -> None:
+        self.gate_rejections.append(dict(d))
 
     def _on_run_note_v1(self, source, target, t, d) -> None:
         self.notes.append({"source": source, "time": t, **d})

@@ -36,7 +36,8 @@ MODES = ("rich", "plain", "quiet")
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
 REFRESH_S = 0.25
 STATUS_STYLE = {"succeeded": "bold green", "failed": "bold red", "running": "bold yellow", "pending": "dim",
-                "skipped": "dim", "busy": "yellow", "idle": "green", "stopped": "dim", "starting": "cyan",
+                "skipped": "dim", "rejected": "bold magenta", "busy": "yellow", "idle": "green", "stopped": "dim",
+                "starting": "cyan",
                 "healthy": "green", "suspect": "yellow", "unhealthy": "bold red", "unknown": "dim"}
 
 
@@ -180,7 +181,8 @@ class LiveView:
         if s.stages:
             head.append("\nstages ")
             for stage in s.stages.values():
-                mark = {"succeeded": "✓", "failed": "✗", "skipped": "–", "running": "▶"}.get(stage.status, "?")
+                mark = {"succeeded": "✓", "failed": "✗", "skipped": "–", "running": "▶",
+                        "rejected": "↺"}.get(stage.status, "?")
                 wall = f" {stage.wall_s:.1f}s" if stage.wall_s is not None else ""
                 head.append(f"{mark} {stage.name}{wall}  ", style=STATUS_STYLE.get(stage.status, ""))
         return Panel(head, border_style="blue")
