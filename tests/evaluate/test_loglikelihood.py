@@ -198,3 +198,154 @@ def test_bfloat16_models_are_scored_in_float32(tiny_tokenizer, make_llama):
     for (c, x), (lp, greedy) in zip(REQUESTS, got):
         want_lp, want_greedy = manual(model, *encode_pair(tiny_tokenizer, c, x))  # bf16 logits, fp32 log-softmax
         assert lp == pytest.approx(want_lp, abs=1e-3) and greedy == want_greedy
+
+
+# ------------------------------------------------------------------------------------------- shared prefixes
+
+def mmlu_style_requests(n_shots=2):
+    """Two 'subjects' of three questions each in MMLU's few-shot template (the benchmark's own prompt builder): the
+    few-shot prefix is shared within a subject, the answers " A".." D" share each question's input."""
+    from posttrain.evaluate.benchmarks.mmlu import Question, build_prompt
+
+    def question(subject, i, a, b):
+        return Question(subject, i, f"Sam has {a} apples and buys {b} more. How many apples?",
+                        (str(a + b), str(a + b + 1), str(a + b - 1), str(a * b)), i % 4)
+
+    requests = []
+    for j, subject in enumerate(("apples", "pears")):
+        shots = [question(subject, k, k + 1, k + 2 + j) for k in range(n_shots)]
+        for i in range(3):
+            requests += [(build_prompt(question(subject, 10 + i, 3 + i, 4 + j), shots), f" {d}") for d in "ABCD"]
+    requests.append((requests[0][0], " 7 apples"))  # a multi-token continuation: an input of its own in the group
+    return requests
+
+
+def cached_decoder_calls(model):
+    """Records, per decoder call, whether it ran on cached keys and values (the shared-prefix path)."""
+    calls = []
+    model.get_decoder().register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(any(kwargs.get(k) is not None for k in ("cache", "past_key_values"))),
+        with_kwargs=True)
+    return calls
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def arch(request, tiny_tokenizer, make_llama, datasets_dir):
+    if request.param == "llama":
+        return make_llama(seed=8), tiny_tokenizer
+    from conftest import build_gpt2_and_bpe
+
+    return build_gpt2_and_bpe(datasets_dir, n_positions=256)
+
+
+def test_shared_prefix_path_equals_the_plain_path_on_mmlu_style_requests(arch, monkeypatch):
+    import posttrain.evaluate.loglikelihood as ll_mod
+    from posttrain.evaluate.loglikelihood import encode_pairs, plan_requests
+
+    model, tok = arch
+    requests = mmlu_style_requests()
+    plan = plan_requests(encode_pairs(tok, requests), max_length=256)
+    # one group per subject, nothing run whole (GPT-2's BPE merges some answers with ": " across the join, so
+    # there a question has more than one input: the straddling split on the prefix path)
+    assert len(plan.groups) == 2 and plan.plain == []
+    monkeypatch.setitem(ll_mod._PREFIX_PATH_OK, (type(model), torch.float32), True)  # skip the once-only check
+    calls = cached_decoder_calls(model)
+    shared = loglikelihood(model, tok, requests, batch_size=4, max_length=256)
+    assert True in calls  # the prefix path ran
+    plain = loglikelihood(model, tok, requests, batch_size=4, max_length=256, share_prefixes=False)
+    for (c, x), (a, ga), (b, gb) in zip(requests, shared, plain):
+        assert a == pytest.approx(b, abs=1e-5) and ga == gb
+        assert a == pytest.approx(manual(model, *encode_pair(tok, c, x))[0], abs=1e-5)
+
+
+def test_left_truncated_requests_are_run_whole(tiny_tokenizer, make_llama, monkeypatch):
+    import posttrain.evaluate.loglikelihood as ll_mod
+    from posttrain.evaluate.loglikelihood import encode_pairs, plan_requests
+
+    model = make_llama(seed=9)
+    fits, long = mmlu_style_requests(n_shots=2)[:12], mmlu_style_requests(n_shots=4)[:12]
+    pairs = encode_pairs(tiny_tokenizer, fits + long)
+    assert max(len(c) + len(x) for c, x in pairs[:12]) <= 256 + 1 < min(len(c) + len(x) for c, x in pairs[12:])
+    plan = plan_requests(pairs, max_length=256)
+    assert [sorted(g) for _, g in plan.groups] == [[0, 1, 2]] and plan.plain == [3, 4, 5]  # the truncated ones
+    monkeypatch.setitem(ll_mod._PREFIX_PATH_OK, (type(model), torch.float32), True)
+    calls = cached_decoder_calls(model)
+    got = loglikelihood(model, tiny_tokenizer, fits + long, batch_size=8, max_length=256)
+    assert True in calls
+    for (ctx, cont), (lp, greedy) in zip(pairs, got):
+        want_lp, want_greedy = manual(model, ctx, cont, max_length=256)
+        assert lp == pytest.approx(want_lp, abs=1e-4) and greedy == want_greedy
+
+
+def test_the_prefix_path_is_checked_once_per_model_class_and_dropped_when_it_disagrees(tiny_tokenizer, make_llama):
+    """A model that scales its logits (like soft-capping) must not be scored by decoder + head alone; one whose
+    forward is head(decoder(x)) passes the check and keeps the prefix path."""
+    import posttrain.evaluate.loglikelihood as ll_mod
+    from transformers import LlamaForCausalLM
+
+    class Scaled(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 0.5
+            return out
+
+    class Same(LlamaForCausalLM):
+        pass
+
+    requests = mmlu_style_requests()
+    for cls, ok in ((Scaled, False), (Same, True)):
+        model = cls(make_llama(seed=10).config).eval()
+        calls = cached_decoder_calls(model)
+        for _ in range(2):  # the first call is checked, the second uses the verdict
+            got = loglikelihood(model, tiny_tokenizer, requests, batch_size=4, max_length=256)
+            for (c, x), (lp, greedy) in zip(requests, got):
+                want_lp, want_greedy = manual(model, *encode_pair(tiny_tokenizer, c, x))
+                assert lp == pytest.approx(want_lp, abs=1e-4) and greedy == want_greedy
+        assert ll_mod._PREFIX_PATH_OK[(cls, torch.float32)] is ok
+        # two prefix batches per call (groups of 4 and 3 inputs at batch_size 4); Scaled: only the checked one
+        assert calls.count(True) == (4 if ok else 1)
+
+
+def test_learned_positions_on_the_prefix_path_stay_inside_the_table(tiny_tokenizer, monkeypatch):
+    # One batch holds a long prefix with a one-token rest and a short prefix with long rests: the first group's
+    # padding columns must not get positions past GPT-2's 64-row table.
+    import posttrain.evaluate.loglikelihood as ll_mod
+    from posttrain.evaluate.loglikelihood import loglikelihood_tokens, plan_requests
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=64, n_embd=16, n_layer=1,
+                                       n_head=2)).eval()
+    long_prefix, short_prefix = [10 + t % 50 for t in range(55)], [70 + t % 30 for t in range(20)]
+    pairs = [(long_prefix + [100 + i], [5 + i]) for i in range(3)]
+    pairs += [(short_prefix + [110 + i] + [120 + (i * t) % 40 for t in range(34)], [7]) for i in range(3)]
+    plan = plan_requests(pairs, max_length=64)
+    assert sorted((n, len(g)) for n, g in plan.groups) == [(20, 3), (55, 3)]
+    monkeypatch.setitem(ll_mod._PREFIX_PATH_OK, (GPT2LMHeadModel, torch.float32), True)
+    got = loglikelihood_tokens(model, pairs, batch_size=8, max_length=64)
+    for (ctx, cont), (lp, greedy) in zip(pairs, got):
+        want_lp, want_greedy = manual(model, ctx, cont)
+        assert lp == pytest.approx(want_lp, abs=1e-4) and greedy == want_greedy
+
+
+def test_a_token_straddling_the_join_on_a_shared_prefix(monkeypatch):
+    import posttrain.evaluate.loglikelihood as ll_mod
+    from posttrain.evaluate.loglikelihood import encode_pairs, plan_requests
+
+    tok, v = join_tokenizer()
+    context = "Answer" * 4 + ":"
+    requests = [(context, " C"), (context, " CD"), (context, " D")]
+    chars = [v[c] for c in "Answer" * 4]
+    pairs = encode_pairs(tok, requests)
+    assert pairs == [(chars, [v[": C"]]), (chars, [v[": C"], v["D"]]), (chars, [v[": "], v["D"]])]
+    assert [(n, len(g)) for n, g in plan_requests(pairs, max_length=32).groups] == [(23, 3)]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(v), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=64)).eval()
+    monkeypatch.setitem(ll_mod._PREFIX_PATH_OK, (LlamaForCausalLM, torch.float32), True)
+    calls = cached_decoder_calls(model)
+    got = loglikelihood(model, tok, requests, batch_size=4, max_length=32)
+    assert True in calls
+    for (ctx, cont), (lp, greedy) in zip(pairs, got):
+        want_lp, want_greedy = manual(model, ctx, cont)
+        assert lp == pytest.approx(want_lp, abs=1e-5) and greedy == want_greedy

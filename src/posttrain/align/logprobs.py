@@ -42,7 +42,8 @@ def _full_token_logprobs(model: torch.nn.Module, batch: CompletionBatch, tempera
     return selective_log_softmax(logits, labels) * mask
 
 
-def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder, LM head) when the model is `head(decoder(x))`-shaped (peft unwrapped), else None."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model wraps in place
     get_decoder = getattr(base, "get_decoder", None)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -79,7 +80,7 @@ def token_logprobs(model: torch.nn.Module, batch: CompletionBatch, temperature: 
     `lm_head(decoder(x))` (logit soft-capping, scaling) would differ: the first call for each model class checks
     the fast path against the model's own forward and falls back to the full forward if they disagree.
     """
-    parts = _decoder_and_head(model)
+    parts = decoder_and_head(model)
     key = type(model.get_base_model() if hasattr(model, "get_base_model") else model)
     if parts is None or _FAST_PATH_OK.get(key) is False:
         return _full_token_logprobs(model, batch, temperature)
@@ -119,7 +120,7 @@ def shared_prompt_logprobs(model: torch.nn.Module, prompts: list[list[int]], com
     k = len(completions[0])
     if any(len(c) != k for c in completions):
         raise ValueError("every prompt needs the same number of completions")
-    parts = _decoder_and_head(model)
+    parts = decoder_and_head(model)
     key = type(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
     def plain() -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,19 +143,30 @@ def shared_prompt_logprobs(model: torch.nn.Module, prompts: list[list[int]], com
 
 @dataclass
 class SharedPromptHidden:
-    """Decoder states when K completions share each prompt (rows prompt-major: p0c0, p0c1, ..., p1c0, ...)."""
+    """Decoder states when completions share a prompt (rows prompt-major: p0c0, p0c1, ..., p1c0, ...)."""
 
-    prompt_last: torch.Tensor  # [N*K, H] the prompt's last hidden state (it predicts a completion's first token)
-    hidden: torch.Tensor       # [N*K, C, H] the completion tokens' hidden states
-    ids: torch.Tensor          # [N*K, C] completion ids, right-padded
-    mask: torch.Tensor         # [N*K, C] 1 on real completion tokens
+    prompt_last: torch.Tensor  # [R, H] the prompt's last hidden state (it predicts a completion's first token)
+    hidden: torch.Tensor       # [R, C, H] the completion tokens' hidden states
+    ids: torch.Tensor          # [R, C] completion ids, right-padded
+    mask: torch.Tensor         # [R, C] 1 on real completion tokens
+
+    def predictors(self) -> torch.Tensor:
+        """[R, C+1, H]: column j is the state that predicts completion token j (column 0 is the prompt's last
+        state); column len(completion) predicts the token after the completion."""
+        return torch.cat([self.prompt_last[:, None], self.hidden], dim=1)
 
 
 def shared_prompt_hidden(decoder: torch.nn.Module, prompts: list[list[int]], completions: list[list[list[int]]],
                          pad_id: int) -> SharedPromptHidden:
-    """Run each prompt once (left-padded, so all end at the last column), repeat its keys and values for its K
-    completions, and run the completions (right-padded) on top, positions continuing from each prompt's length."""
-    k = len(completions[0])
+    """Run each prompt once (left-padded, so all end at the last column), repeat its keys and values for each of
+    its completions, and run the completions (right-padded) on top, positions continuing from each prompt's length.
+
+    `completions[i]` holds prompt i's completions (at least one; the count may differ between prompts: the
+    evaluation's shared few-shot prefixes). Padding columns get position 0, so a model with a learned position
+    table never indexes past `len(prompt) + len(completion)` of a real row."""
+    counts = [len(cs) for cs in completions]
+    if not counts or min(counts) < 1:
+        raise ValueError("every prompt needs at least one completion")
     device = next(decoder.parameters()).device
     n, width = len(prompts), max(len(p) for p in prompts)
     prompt_ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
@@ -165,19 +177,23 @@ def shared_prompt_hidden(decoder: torch.nn.Module, prompts: list[list[int]], com
     prompt_pos = (prompt_mask.cumsum(1) - 1).clamp(min=0)
     out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True)
     cache = _cache_of(out)
-    if k > 1:
-        cache.batch_repeat_interleave(k)
-    last = out.last_hidden_state[:, -1].repeat_interleave(k, dim=0)
+    repeats = torch.tensor(counts, device=device)
+    if len(set(counts)) == 1:  # K completions per prompt (training's pairs and groups): repeat in place
+        if counts[0] > 1:
+            cache.batch_repeat_interleave(counts[0])
+    else:  # gather each prompt's row once per completion
+        cache.batch_select_indices(torch.arange(n, device=device).repeat_interleave(repeats))
+    last = out.last_hidden_state[:, -1].repeat_interleave(repeats, dim=0)
     flat = [c for cs in completions for c in cs]
     c_width = max(len(c) for c in flat)
-    comp_ids = torch.full((n * k, c_width), pad_id, dtype=torch.long, device=device)
-    comp_mask = torch.zeros((n * k, c_width), dtype=torch.long, device=device)
+    comp_ids = torch.full((len(flat), c_width), pad_id, dtype=torch.long, device=device)
+    comp_mask = torch.zeros((len(flat), c_width), dtype=torch.long, device=device)
     for i, c in enumerate(flat):
         comp_ids[i, :len(c)] = torch.tensor(c, device=device)
         comp_mask[i, :len(c)] = 1
-    lengths = prompt_mask.sum(1).repeat_interleave(k)
-    comp_pos = lengths[:, None] + torch.arange(c_width, device=device)[None, :]
-    full_mask = torch.cat([prompt_mask.repeat_interleave(k, dim=0), comp_mask], dim=1)
+    lengths = prompt_mask.sum(1).repeat_interleave(repeats)
+    comp_pos = (lengths[:, None] + torch.arange(c_width, device=device)[None, :]) * comp_mask
+    full_mask = torch.cat([prompt_mask.repeat_interleave(repeats, dim=0), comp_mask], dim=1)
     hidden = decoder(input_ids=comp_ids, attention_mask=full_mask, position_ids=comp_pos, use_cache=True,
                      **{_cache_kwarg(decoder): cache}).last_hidden_state
     return SharedPromptHidden(last, hidden, comp_ids, comp_mask)
@@ -188,7 +204,7 @@ def _shared_prompt(parts: tuple[torch.nn.Module, torch.nn.Module], model: torch.
                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     decoder, head = parts
     states = shared_prompt_hidden(decoder, prompts, completions, pad_id)
-    predictors = torch.cat([states.prompt_last[:, None], states.hidden[:, :-1]], dim=1)
+    predictors = states.predictors()[:, :-1]
     mask = states.mask.bool()
     logits = head(predictors[mask])
     if temperature != 1.0:

@@ -22,6 +22,15 @@ Guarantees:
   in request order; requests with the SAME model input (e.g. the one-token answers " A".." D" of one MMLU question)
   share one forward row, which is exactly the computation scoring each alone would do. Results therefore equal
   scoring each request alone, up to float rounding from padding;
+- inputs sharing a long token prefix (MMLU's few-shot prompt within a subject, the context of ARC's choices) are
+  scored on one cached prefix: the prefix runs once per batch, its keys and values are repeated for each input
+  (`align.logprobs.shared_prompt_hidden`, the training's shared-prompt machinery) and only the rest of each input
+  runs, positions continuing from the prefix. Groups are found by sorting the inputs (the common prefix of a run of
+  sorted inputs is the smallest common prefix of neighbours); an input joins a group while the tokens saved grow
+  and the group still shares `MIN_SHARED_PREFIX` tokens. The prefix never reaches into a scored position. Inputs
+  that were left-truncated are always run whole (their windows start at different offsets anyway). The first such
+  batch per model class and dtype is also scored the plain way and returned from it; if the two disagree (a model
+  whose forward is more than `head(decoder(x))`, e.g. soft-capping) that model class stays on the plain path;
 - only the last positions' logits are computed when the model supports `logits_to_keep` (the model's own forward,
   so soft-capping and scaling stay applied).
 """
@@ -34,15 +43,19 @@ import os
 import threading
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
-from ..align.logprobs import model_device, selective_log_softmax
+from ..align.logprobs import decoder_and_head, model_device, selective_log_softmax, shared_prompt_hidden
 from ..data.collate import collate_masked
 
 Request = tuple[str, str]
 CHUNK_REQUESTS = 4096  # requests encoded and scored together (see `loglikelihood`)
+# Tokens a group of inputs must share to be scored on one cached prefix: no grouping on a handful of common tokens
+# (a template's opening words), where a second forward call would buy next to nothing.
+MIN_SHARED_PREFIX = 16
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -126,15 +139,34 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
         return False
 
 
-def loglikelihood_tokens(model: torch.nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
-                         batch_size: int, max_length: int, pad_id: int = 0,
-                         progress: Callable[[int, int], None] | None = None) -> list[tuple[float, bool]]:
-    """`loglikelihood` on already-encoded (context ids, continuation ids) pairs; `batch_size` counts forward rows."""
-    if batch_size < 1 or max_length < 1:
-        raise ValueError("batch_size and max_length must be positive")
+@dataclass
+class ScoringPlan:
+    """How `loglikelihood_tokens` runs a list of encoded requests."""
+
+    inputs: list[list[int]]               # the distinct model inputs
+    users: list[list[int]]                # per input, the requests read from it
+    groups: list[tuple[int, list[int]]]   # (shared prefix length, inputs) scored on one cached prefix
+    plain: list[int]                      # inputs run whole
+
+    def requests_on_shared_prefix(self) -> int:
+        return sum(len(self.users[i]) for _, members in self.groups for i in members)
+
+    def prefix_tokens_reused(self, batch_size: int) -> int:
+        """Input tokens not run again because they came from a cached prefix: a group's prefix runs once per
+        `batch_size` members."""
+        return sum((len(members) - (len(members) + batch_size - 1) // batch_size) * n for n, members in self.groups)
+
+
+def plan_requests(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, max_length: int,
+                  share_prefixes: bool = True) -> ScoringPlan:
+    """The distinct model inputs of these (context ids, continuation ids) pairs and which of them share a prefix."""
+    if max_length < 1:
+        raise ValueError("max_length must be positive")
     inputs: list[list[int]] = []
     index_of: dict[tuple[int, ...], int] = {}
-    users: list[list[int]] = []  # requests per distinct input
+    users: list[list[int]] = []
+    scored: list[int] = []            # per input, the most continuation tokens one of its requests scores
+    truncated: list[bool] = []
     for r, (ctx, cont) in enumerate(pairs):
         if not ctx or not cont:
             raise ValueError(f"request {r}: the context and the continuation both need at least one token")
@@ -146,49 +178,187 @@ def loglikelihood_tokens(model: torch.nn.Module, pairs: Sequence[tuple[Sequence[
             index_of[key] = len(inputs)
             inputs.append(inp)
             users.append([])
-        users[index_of[key]].append(r)
-    # Longest first: similar lengths share a batch (little padding) and an out-of-memory shows up at once.
-    order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
-    keep_logits = _accepts_logits_to_keep(model)
+            scored.append(0)
+            truncated.append(False)
+        i = index_of[key]
+        users[i].append(r)
+        scored[i] = max(scored[i], len(cont))
+        truncated[i] = truncated[i] or len(ctx) + len(cont) > max_length + 1
+    groups: list[tuple[int, list[int]]] = []
+    if share_prefixes:
+        # A prefix may cover at most the positions before the first scored one (the input's last `scored` positions
+        # are scored; the prefix's last state predicts the first of them) and must leave at least one token to run.
+        caps = [min(len(inp) - 1, len(inp) + 1 - n) for inp, n in zip(inputs, scored)]
+        candidates = [i for i in range(len(inputs)) if not truncated[i] and caps[i] >= MIN_SHARED_PREFIX]
+        groups = _shared_prefix_groups(inputs, caps, candidates)
+    grouped = {i for _, members in groups for i in members}
+    return ScoringPlan(inputs, users, groups, [i for i in range(len(inputs)) if i not in grouped])
+
+
+def _shared_prefix_groups(inputs: list[list[int]], caps: list[int],
+                          candidates: list[int]) -> list[tuple[int, list[int]]]:
+    # Sorted, inputs with a common prefix are neighbours, and a run's common prefix is its neighbours' smallest.
+    # An input joins the run while the tokens saved ((members - 1) * shared prefix) do not shrink.
+    groups: list[tuple[int, list[int]]] = []
+    members: list[int] = []
+    shared = 0
+    for i in sorted(candidates, key=lambda c: inputs[c]):
+        if members:
+            joined = min(shared, _common_prefix(inputs[members[-1]], inputs[i]), caps[i])
+            if joined >= MIN_SHARED_PREFIX and len(members) * joined >= (len(members) - 1) * shared:
+                members.append(i)
+                shared = joined
+                continue
+            groups.append((shared, members))
+        members, shared = [i], caps[i]
+    if members:
+        groups.append((shared, members))
+    return [(n, g) for n, g in groups if len(g) > 1]
+
+
+def _plain_batch(model: torch.nn.Module, plan: ScoringPlan, chunk: Sequence[int],
+                 pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
+                 keep_logits: bool) -> list[tuple[int, float, bool]]:
+    """(request, log-likelihood, greedy) for the requests of these inputs, each input run whole."""
     device = model_device(model)
+    inputs = plan.inputs
+    requests = [(row, r) for row, i in enumerate(chunk) for r in plan.users[i]]
+    keep = max(len(pairs[r][1]) for _, r in requests)
+    # Left padding puts every row's last token in the last column, so the scored positions of all rows are the
+    # last `keep` columns; position ids count real tokens only (data.collate).
+    batch = collate_masked([(inputs[i], [1] * len(inputs[i])) for i in chunk], pad_id,
+                           padding_side="left").to(device)
+    kwargs: dict[str, Any] = {"logits_to_keep": keep} if keep_logits else {}
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids, use_cache=False, **kwargs).logits[:, -keep:]
+    targets = torch.zeros((len(requests), keep), dtype=torch.long)
+    scored = torch.zeros((len(requests), keep), dtype=torch.bool)
+    for j, (_, r) in enumerate(requests):
+        cont = pairs[r][1]
+        targets[j, keep - len(cont):] = torch.tensor(list(cont), dtype=torch.long)
+        scored[j, keep - len(cont):] = True
+    targets, scored = targets.to(device), scored.to(device)
+    picked = logits[torch.tensor([row for row, _ in requests], device=device)]
+    logps = (selective_log_softmax(picked, targets) * scored).sum(-1)
+    greedy = ((picked.argmax(-1) == targets) | ~scored).all(-1)
+    return [(r, float(lp), bool(g)) for (_, r), lp, g in zip(requests, logps.float().tolist(), greedy.tolist())]
+
+
+def _prefix_batch(parts: tuple[torch.nn.Module, torch.nn.Module], plan: ScoringPlan,
+                  pieces: Sequence[tuple[int, Sequence[int]]], pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                  pad_id: int) -> list[tuple[int, float, bool]]:
+    """The same for inputs grouped on shared prefixes: each piece's prefix runs once, then the rest of its inputs
+    on the cached keys and values; only the scored positions go through the LM head."""
+    decoder, head = parts
+    inputs = plan.inputs
+    states = shared_prompt_hidden(decoder, [inputs[members[0]][:n] for n, members in pieces],
+                                  [[inputs[i][n:] for i in members] for n, members in pieces], pad_id)
+    rows: list[int] = []
+    cols: list[int] = []
+    targets: list[int] = []
+    owner: list[int] = []
+    requests: list[int] = []
+    row = 0
+    for n, members in pieces:
+        for i in members:
+            rest = len(inputs[i]) - n  # predictor column `rest` is the input's last state
+            for r in plan.users[i]:
+                cont = list(pairs[r][1])  # predicted by the input's last len(cont) states
+                rows += [row] * len(cont)
+                cols += range(rest - len(cont) + 1, rest + 1)
+                targets += cont
+                owner += [len(requests)] * len(cont)
+                requests.append(r)
+            row += 1
+    device = states.hidden.device
+    logits = head(states.predictors()[torch.tensor(rows, device=device), torch.tensor(cols, device=device)])
+    target = torch.tensor(targets, device=device)
+    index = torch.tensor(owner, device=device)
+    logps = torch.zeros(len(requests), device=device).index_add_(
+        0, index, selective_log_softmax(logits, target).float())
+    misses = torch.zeros(len(requests), dtype=torch.long, device=device).index_add_(
+        0, index, (logits.argmax(-1) != target).long())
+    return [(r, float(lp), m == 0) for r, lp, m in zip(requests, logps.tolist(), misses.tolist())]
+
+
+def _prefix_batches(plan: ScoringPlan, batch_size: int) -> list[list[tuple[int, list[int]]]]:
+    # Longest prefix first; a group larger than a batch is split (its prefix then runs once per piece), and small
+    # groups are packed together up to `batch_size` rows.
+    batches: list[list[tuple[int, list[int]]]] = []
+    current: list[tuple[int, list[int]]] = []
+    rows = 0
+    for n, members in sorted(plan.groups, key=lambda g: -g[0]):
+        members = sorted(members, key=lambda i: -len(plan.inputs[i]))
+        for start in range(0, len(members), batch_size):
+            piece = members[start:start + batch_size]
+            if current and rows + len(piece) > batch_size:
+                batches.append(current)
+                current, rows = [], 0
+            current.append((n, piece))
+            rows += len(piece)
+    if current:
+        batches.append(current)
+    return batches
+
+
+# Whether `_prefix_batch` reproduces `_plain_batch`, per (model class, dtype) (checked once, on real inputs).
+_PREFIX_PATH_OK: dict[tuple[type, torch.dtype], bool] = {}
+
+
+def loglikelihood_tokens(model: torch.nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                         batch_size: int, max_length: int, pad_id: int = 0, share_prefixes: bool = True,
+                         progress: Callable[[int, int], None] | None = None) -> list[tuple[float, bool]]:
+    """`loglikelihood` on already-encoded (context ids, continuation ids) pairs; `batch_size` counts forward rows
+    (completion rows on the prefix path). `share_prefixes=False` runs every input whole."""
+    if batch_size < 1 or max_length < 1:
+        raise ValueError("batch_size and max_length must be positive")
+    plan = plan_requests(pairs, max_length=max_length, share_prefixes=share_prefixes)
+    parts = decoder_and_head(model) if plan.groups else None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    key = (type(base), next(model.parameters()).dtype)
+    if parts is None or _PREFIX_PATH_OK.get(key) is False:
+        plain, prefix_batches = list(range(len(plan.inputs))), []
+    else:
+        plain, prefix_batches = list(plan.plain), _prefix_batches(plan, batch_size)
+    keep_logits = _accepts_logits_to_keep(model)
     results: list[tuple[float, bool] | None] = [None] * len(pairs)
     done = 0
+
+    def record(scores: list[tuple[int, float, bool]]) -> None:
+        nonlocal done
+        for r, lp, g in scores:
+            results[r] = (lp, g)
+        done += len(scores)
+        if progress is not None:
+            progress(done, len(pairs))
+
     with torch.inference_mode():
+        for b, pieces in enumerate(prefix_batches):
+            if _PREFIX_PATH_OK.get(key) is False:  # the check below failed: run the remaining groups whole
+                plain += [i for _, members in prefix_batches[b] for i in members]
+                continue
+            fast = _prefix_batch(parts, plan, pieces, pairs, pad_id)
+            if key not in _PREFIX_PATH_OK:  # first use for this model class and dtype: check against the plain run
+                reference = _plain_batch(model, plan, [i for _, members in pieces for i in members], pairs,
+                                         pad_id, keep_logits)
+                got, want = (torch.tensor([lp for _, lp, _ in sorted(s)]) for s in (fast, reference))
+                _PREFIX_PATH_OK[key] = bool(torch.allclose(got, want, atol=1e-4, rtol=1e-4))
+                fast = reference
+            record(fast)
+        # Longest first: similar lengths share a batch (little padding) and an out-of-memory shows up at once.
+        order = sorted(plain, key=lambda i: -len(plan.inputs[i]))
         for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            requests = [(row, r) for row, i in enumerate(chunk) for r in users[i]]
-            keep = max(len(pairs[r][1]) for _, r in requests)
-            # Left padding puts every row's last token in the last column, so the scored positions of all rows
-            # are the last `keep` columns; position ids count real tokens only (data.collate).
-            batch = collate_masked([(inputs[i], [1] * len(inputs[i])) for i in chunk], pad_id,
-                                   padding_side="left").to(device)
-            kwargs: dict[str, Any] = {"logits_to_keep": keep} if keep_logits else {}
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           position_ids=batch.position_ids, use_cache=False, **kwargs).logits[:, -keep:]
-            targets = torch.zeros((len(requests), keep), dtype=torch.long)
-            scored = torch.zeros((len(requests), keep), dtype=torch.bool)
-            for j, (_, r) in enumerate(requests):
-                cont = pairs[r][1]
-                targets[j, keep - len(cont):] = torch.tensor(list(cont), dtype=torch.long)
-                scored[j, keep - len(cont):] = True
-            targets, scored = targets.to(device), scored.to(device)
-            picked = logits[torch.tensor([row for row, _ in requests], device=device)]
-            logps = (selective_log_softmax(picked, targets) * scored).sum(-1)
-            greedy = ((picked.argmax(-1) == targets) | ~scored).all(-1)
-            for (_, r), lp, g in zip(requests, logps.float().tolist(), greedy.tolist()):
-                results[r] = (float(lp), bool(g))
-            done += len(requests)
-            if progress is not None:
-                progress(done, len(pairs))
+            record(_plain_batch(model, plan, order[start:start + batch_size], pairs, pad_id, keep_logits))
     return [r for r in results if r is not None]
 
 
 def loglikelihood(model: torch.nn.Module, tokenizer: Any, requests: Sequence[Request], *, batch_size: int,
-                  max_length: int, add_special_tokens: bool = True,
+                  max_length: int, add_special_tokens: bool = True, share_prefixes: bool = True,
                   progress: Callable[[int, int], None] | None = None) -> list[tuple[float, bool]]:
     """Per (context, continuation): (sum of the continuation's token log-probs, whether greedy decoding would
     produce exactly it). `add_special_tokens=False` for text already rendered through a chat template (which
-    writes its own BOS). See the module docstring for the guarantees."""
+    writes its own BOS); `share_prefixes=False` runs every input whole. See the module docstring for the
+    guarantees."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results: list[tuple[float, bool]] = []
     # Encoded in chunks: all of MMLU's 5-shot requests at once would hold tens of millions of Python ints. A chunk
@@ -201,7 +371,7 @@ def loglikelihood(model: torch.nn.Module, tokenizer: Any, requests: Sequence[Req
                 progress(_offset + done, len(requests))
 
         results += loglikelihood_tokens(model, pairs, batch_size=batch_size, max_length=max_length,
-                                        pad_id=int(pad or 0), progress=report)
+                                        pad_id=int(pad or 0), share_prefixes=share_prefixes, progress=report)
     return results
 
 
