@@ -28,9 +28,10 @@ Guarantees:
   runs, positions continuing from the prefix. Groups are found by sorting the inputs (the common prefix of a run of
   sorted inputs is the smallest common prefix of neighbours); an input joins a group while the tokens saved grow
   and the group still shares `MIN_SHARED_PREFIX` tokens. The prefix never reaches into a scored position. Inputs
-  that were left-truncated are always run whole (their windows start at different offsets anyway). The first such
-  batch per model class and dtype is also scored the plain way and returned from it; if the two disagree (a model
-  whose forward is more than `head(decoder(x))`, e.g. soft-capping) that model class stays on the plain path;
+  that were left-truncated are always run whole (their windows start at different offsets anyway). On first use
+  per model class and dtype a few inputs of the first such batch are also run whole and compared; if the two
+  disagree (a model whose forward is more than `head(decoder(x))`, e.g. soft-capping) the plain numbers are
+  returned and that model class stays on the plain path;
 - only the last positions' logits are computed when the model supports `logits_to_keep` (the model's own forward,
   so soft-capping and scaling stay applied).
 """
@@ -301,8 +302,10 @@ def _prefix_batches(plan: ScoringPlan, batch_size: int) -> list[list[tuple[int, 
     return batches
 
 
-# Whether `_prefix_batch` reproduces `_plain_batch`, per (model class, dtype) (checked once, on real inputs).
+# Whether `_prefix_batch` reproduces `_plain_batch`, per (model class, dtype): checked once, on the first
+# CHECK_INPUTS inputs of the first prefix batch.
 _PREFIX_PATH_OK: dict[tuple[type, torch.dtype], bool] = {}
+CHECK_INPUTS = 4
 
 
 def loglikelihood_tokens(model: torch.nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
@@ -333,17 +336,22 @@ def loglikelihood_tokens(model: torch.nn.Module, pairs: Sequence[tuple[Sequence[
             progress(done, len(pairs))
 
     with torch.inference_mode():
-        for b, pieces in enumerate(prefix_batches):
+        for pieces in prefix_batches:
             if _PREFIX_PATH_OK.get(key) is False:  # the check below failed: run the remaining groups whole
-                plain += [i for _, members in prefix_batches[b] for i in members]
+                plain += [i for _, members in pieces for i in members]
                 continue
             fast = _prefix_batch(parts, plan, pieces, pairs, pad_id)
             if key not in _PREFIX_PATH_OK:  # first use for this model class and dtype: check against the plain run
-                reference = _plain_batch(model, plan, [i for _, members in pieces for i in members], pairs,
-                                         pad_id, keep_logits)
-                got, want = (torch.tensor([lp for _, lp, _ in sorted(s)]) for s in (fast, reference))
-                _PREFIX_PATH_OK[key] = bool(torch.allclose(got, want, atol=1e-4, rtol=1e-4))
-                fast = reference
+                probe = pieces[0][1][:CHECK_INPUTS]
+                reference = _plain_batch(model, plan, probe, pairs, pad_id, keep_logits)
+                want = {r: lp for r, lp, _ in reference}
+                got = torch.tensor([lp for r, lp, _ in sorted(fast) if r in want])
+                _PREFIX_PATH_OK[key] = bool(torch.allclose(got, torch.tensor([want[r] for r in sorted(want)]),
+                                                           atol=1e-4, rtol=1e-4))
+                if not _PREFIX_PATH_OK[key]:
+                    record(reference)
+                    plain += [i for _, members in pieces for i in members if i not in probe]
+                    continue
             record(fast)
         # Longest first: similar lengths share a batch (little padding) and an out-of-memory shows up at once.
         order = sorted(plain, key=lambda i: -len(plan.inputs[i]))
@@ -378,12 +386,12 @@ def loglikelihood(model: torch.nn.Module, tokenizer: Any, requests: Sequence[Req
 # ------------------------------------------------------------------------------- multiple-choice helpers
 
 def score_choices(model: torch.nn.Module, tokenizer: Any, questions: Sequence[tuple[str, Sequence[str]]], *,
-                  batch_size: int, max_length: int, add_special_tokens: bool = True,
+                  batch_size: int, max_length: int, add_special_tokens: bool = True, share_prefixes: bool = True,
                   progress: Callable[[int, int], None] | None = None) -> list[list[float]]:
     """For each (context, continuations) question, the log-likelihood of every continuation, in order."""
     flat = [(ctx, cont) for ctx, conts in questions for cont in conts]
     scores = loglikelihood(model, tokenizer, flat, batch_size=batch_size, max_length=max_length,
-                           add_special_tokens=add_special_tokens, progress=progress)
+                           add_special_tokens=add_special_tokens, share_prefixes=share_prefixes, progress=progress)
     out, i = [], 0
     for _, conts in questions:
         out.append([lp for lp, _ in scores[i:i + len(conts)]])
