@@ -315,11 +315,11 @@ def test_learned_positions_on_the_prefix_path_stay_inside_the_table(tiny_tokeniz
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=64, n_embd=16, n_layer=1,
                                        n_head=2)).eval()
-    long_prefix, short_prefix = [10 + t % 50 for t in range(55)], [70 + t % 30 for t in range(20)]
+    long_prefix, short_prefix = [10 + t % 50 for t in range(55)], [70 + t % 30 for t in range(31)]
     pairs = [(long_prefix + [100 + i], [5 + i]) for i in range(3)]
-    pairs += [(short_prefix + [110 + i] + [120 + (i * t) % 40 for t in range(34)], [7]) for i in range(3)]
+    pairs += [(short_prefix + [110 + i] + [120 + (i * t) % 40 for t in range(30)], [7]) for i in range(3)]
     plan = plan_requests(pairs, max_length=64)
-    assert sorted((n, len(g)) for n, g in plan.groups) == [(20, 3), (55, 3)]
+    assert sorted((n, len(g)) for n, g in plan.groups) == [(31, 3), (55, 3)]
     monkeypatch.setitem(ll_mod._PREFIX_PATH_OK, (GPT2LMHeadModel, torch.float32), True)
     got = loglikelihood_tokens(model, pairs, batch_size=8, max_length=64)
     for (ctx, cont), (lp, greedy) in zip(pairs, got):

@@ -26,12 +26,12 @@ Guarantees:
   scored on one cached prefix: the prefix runs once per batch, its keys and values are repeated for each input
   (`align.logprobs.shared_prompt_hidden`, the training's shared-prompt machinery) and only the rest of each input
   runs, positions continuing from the prefix. Groups are found by sorting the inputs (the common prefix of a run of
-  sorted inputs is the smallest common prefix of neighbours); an input joins a group while the tokens saved grow
-  and the group still shares `MIN_SHARED_PREFIX` tokens. The prefix never reaches into a scored position. Inputs
-  that were left-truncated are always run whole (their windows start at different offsets anyway). On first use
-  per model class and dtype a few inputs of the first such batch are also run whole and compared; if the two
-  disagree (a model whose forward is more than `head(decoder(x))`, e.g. soft-capping) the plain numbers are
-  returned and that model class stays on the plain path;
+  sorted inputs is the smallest common prefix of neighbours); an input joins a group while the tokens saved do not
+  shrink and the group still shares `MIN_SHARED_PREFIX` tokens and at least half of each member's tokens. The
+  prefix never reaches into a scored position. Inputs that were left-truncated are always run whole (their windows
+  start at different offsets anyway). On first use per model class and dtype a few inputs of the first such batch
+  are also run whole and compared; if the two disagree (a model whose forward is more than `head(decoder(x))`,
+  e.g. soft-capping) the plain numbers are returned and that model class stays on the plain path;
 - only the last positions' logits are computed when the model supports `logits_to_keep` (the model's own forward,
   so soft-capping and scaling stay applied).
 """
@@ -199,19 +199,22 @@ def plan_requests(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, max_l
 def _shared_prefix_groups(inputs: list[list[int]], caps: list[int],
                           candidates: list[int]) -> list[tuple[int, list[int]]]:
     # Sorted, inputs with a common prefix are neighbours, and a run's common prefix is its neighbours' smallest.
-    # An input joins the run while the tokens saved ((members - 1) * shared prefix) do not shrink.
+    # An input joins the run while the tokens saved ((members - 1) * shared prefix) do not shrink and the shared
+    # prefix stays at least half of every member (a template's common opening words before inputs that differ in
+    # most of their tokens saves less than the second forward call costs).
     groups: list[tuple[int, list[int]]] = []
     members: list[int] = []
-    shared = 0
+    shared = longest = 0
     for i in sorted(candidates, key=lambda c: inputs[c]):
         if members:
             joined = min(shared, _common_prefix(inputs[members[-1]], inputs[i]), caps[i])
-            if joined >= MIN_SHARED_PREFIX and len(members) * joined >= (len(members) - 1) * shared:
+            if (joined >= MIN_SHARED_PREFIX and 2 * joined >= max(longest, len(inputs[i]))
+                    and len(members) * joined >= (len(members) - 1) * shared):
                 members.append(i)
-                shared = joined
+                shared, longest = joined, max(longest, len(inputs[i]))
                 continue
             groups.append((shared, members))
-        members, shared = [i], caps[i]
+        members, shared, longest = [i], caps[i], len(inputs[i])
     if members:
         groups.append((shared, members))
     return [(n, g) for n, g in groups if len(g) > 1]
