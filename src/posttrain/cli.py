@@ -28,6 +28,7 @@ from rich.console import Console
 
 from .compress.llmc import QuantExtraMissing  # import-light: llm-compressor itself is imported only when used
 from .config import ConfigError, load_config, parse_overrides
+from .models.loading import ModelSourceError  # torch is loaded by config already
 
 
 def _demo_config_path() -> Path:
@@ -345,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compress":
             return _cmd_compress(args)
         return _cmd_embedded(args)
-    except (FileNotFoundError, ValueError, QuantExtraMissing) as exc:  # QuantExtraMissing names the install command
+    # QuantExtraMissing names the install command; ModelSourceError names the model path or id and what was expected
+    except (FileNotFoundError, ValueError, QuantExtraMissing, ModelSourceError) as exc:
         print(f"posttrain: {exc}", file=sys.stderr)
         return 2
     except sqlite3.Error as exc:

@@ -51,6 +51,19 @@ class Crashes(StandIn):
             raise RuntimeError("boom: CUDA out of memory (simulated fault for the test)")
 
 
+class Raises(StandIn):
+    """Raises the given error on its task, counting attempts."""
+
+    def __init__(self, name, error):
+        super().__init__(name)
+        self.error = error
+
+    def handle(self, env, ctx):
+        if env.type == "task.assigned.v1":
+            self.tasks += 1
+            raise self.error
+
+
 class Dies(StandIn):
     def handle(self, env, ctx):
         if env.type == "task.assigned.v1":
@@ -157,6 +170,52 @@ def test_crashing_agent_is_retried_then_the_run_fails_naming_it(tmp_path):
     types = _types(outcome.run_dir)
     assert "event.deadlettered.v1" in types and types.count("task.failed.v1") == 1
     assert wall < 15
+
+
+def _validation_error():
+    from pydantic import BaseModel, ValidationError
+
+    class M(BaseModel):
+        n: int
+
+    try:
+        M(n="x")
+    except ValidationError as exc:
+        return exc
+
+
+def _permanent_errors():
+    from posttrain.data.errors import DataError
+    from posttrain.models.loading import ModelSourceError
+
+    return [ValueError("unknown benchmark 'mmluu'"), TypeError("bad argument"), KeyError("prompt"),
+            FileNotFoundError("no such file: t.jsonl"), NotADirectoryError("x is not a directory"),
+            ImportError("no module named llmcompressor"), NotImplementedError("not for this model"),
+            DataError("t.jsonl", 3, "prompt", "a non-empty prompt", "null"), _validation_error(),
+            ModelSourceError("not a local path and the hub is offline (HF_HUB_OFFLINE is set) with no cached copy: "
+                             "org/name")]
+
+
+@pytest.mark.parametrize("error", _permanent_errors(), ids=lambda e: type(e).__name__)
+def test_deterministic_errors_are_attempted_once(tmp_path, error):
+    raiser = Raises("trainer", error)
+    outcome, _ = _run(tmp_path, raiser)
+    assert outcome.status == "failed" and raiser.tasks == 1
+    err = _check_log_up_to_failure(outcome)
+    assert f"stage 'train' failed after 1 attempt(s): {type(error).__name__}: " in err["reason"]
+    failed = [e for e in read_events(outcome.run_dir / "events.sqlite") if e.envelope.type == "task.failed.v1"]
+    assert [f.envelope.data["attempts"] for f in failed] == [1]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("CUDA error: unspecified launch failure"),
+                                   OSError("[Errno 16] Device or resource busy"), TimeoutError("read timed out")],
+                         ids=lambda e: type(e).__name__)
+def test_transient_errors_are_retried_up_to_max_attempts(tmp_path, error):
+    raiser = Raises("trainer", error)
+    outcome, _ = _run(tmp_path, raiser, max_attempts=4)
+    assert outcome.status == "failed" and raiser.tasks == 4
+    err = _check_log_up_to_failure(outcome)
+    assert f"stage 'train' failed after 4 attempt(s): {type(error).__name__}: " in err["reason"]
 
 
 def test_agent_whose_thread_dies_ends_the_run(tmp_path):

@@ -11,6 +11,9 @@ Guarantees:
 - a failing handler is retried with exponential backoff up to `max_attempts`; then the event is dead-lettered
   (`event.deadlettered.v1` to the coordinator) and, for a task, `task.failed.v1` replies to the assigner with the
   error, so the coordinator always hears back;
+- an error that cannot succeed on a retry (`PERMANENT_ERRORS`: bad input or settings, a missing file or model, a
+  missing dependency, a programming error) is attempted once, then handled as above; a `TaskError` likewise, and
+  it is not dead-lettered;
 - a task handler's return value becomes `task.completed.v1`, replying to the assignment (same correlation id,
   causation id = the assignment);
 - the heartbeat thread beats every `heartbeat_s` with the progress token the handler last set, and stops beating
@@ -25,10 +28,27 @@ import time
 import traceback
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from ..bus.bus import Bus
 from ..bus.envelope import Envelope
 from ..bus.events import Payload, make_event, validate_payload
 from ..bus.health import HealthOptions
+from ..data.errors import DataError
+from ..models.loading import ModelSourceError
+
+# Deterministic failures: the same input fails the same way, so a retry only delays the report (an offline hub id
+# took minutes over three attempts). Everything else (RuntimeError such as CUDA out-of-memory, OSError such as a
+# busy file or a network error, TimeoutError) may pass on a retry and is retried with backoff. FileNotFoundError
+# and NotADirectoryError are OSErrors but deterministic; ModelSourceError (a bad model reference) is an OSError too.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, TypeError, LookupError, AttributeError, NotImplementedError, ImportError, FileNotFoundError,
+    NotADirectoryError, IsADirectoryError, DataError, ValidationError, ModelSourceError)
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True when retrying the handler cannot change the outcome (see PERMANENT_ERRORS)."""
+    return isinstance(exc, PERMANENT_ERRORS)
 
 
 class Agent(Protocol):
@@ -148,8 +168,10 @@ class AgentRunner:
                 except TaskError as exc:
                     error = (exc, traceback.format_exc(limit=4))
                     break
-                except Exception as exc:  # noqa: BLE001 - retried, then dead-lettered below
+                except Exception as exc:  # noqa: BLE001 - retried unless permanent, then dead-lettered below
                     error = (exc, traceback.format_exc(limit=6))
+                    if is_permanent(exc):
+                        break
                     if attempts < self.options.max_attempts:
                         time.sleep(self.options.retry_backoff_s * (2 ** (attempts - 1)))
             if error is None:

@@ -41,9 +41,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
-import threading
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -429,24 +426,10 @@ def prompt_fields(prompt: str, keep: int = 1000, tail: int = 500) -> dict[str, A
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    # A bounded probe (a thread, so a hanging DNS lookup cannot stall us either): `datasets` alone may retry for
-    # minutes before failing offline. urllib honours the proxy environment variables; any HTTP answer counts.
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    answer: list[bool] = []
+    # `datasets` alone may retry for minutes before failing offline; the one bounded probe lives with model loading.
+    from ..models.loading import hub_reachable
 
-    def probe() -> None:
-        try:
-            urllib.request.urlopen(endpoint, timeout=timeout).close()
-            answer.append(True)
-        except urllib.error.HTTPError:
-            answer.append(True)
-        except Exception:  # noqa: BLE001 - unreachable for any reason
-            answer.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return bool(answer and answer[0])
+    return hub_reachable(timeout)
 
 
 def load_hub_split(benchmark: str, path: str, name: str | None, split: str) -> list[dict[str, Any]]:
