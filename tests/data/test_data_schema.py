@@ -68,12 +68,18 @@ def test_preference_remainder_with_several_assistant_turns():
 
 
 def test_preference_remainder_with_a_user_turn_is_refused():
-    e = err({"chosen": [U("q"), A("a")], "rejected": [U("q2"), A("b")]}, DataKind.PREFERENCE)
-    assert (e.field, e.expected, e.got) == ("chosen", "assistant turns only after the prompt", "turns: user, assistant")
+    e = err({"chosen": [U("q"), A("a")], "rejected": [U("q"), A("b"), U("q2"), A("c")]}, DataKind.PREFERENCE)
+    assert (e.field, e.expected, e.got) == ("rejected", "assistant turns only after the prompt",
+                                            "turns: assistant, user, assistant")
+    # sides that share no turn at all have no prompt
+    assert err({"chosen": [U("q"), A("a")], "rejected": [U("q2"), A("b")]}, DataKind.PREFERENCE).field == "prompt"
 
 
-def test_preference_unconditioned_strings_give_an_empty_prompt():
-    assert normalise({"chosen": "x", "rejected": "y"}, DataKind.PREFERENCE, REF)["prompt"] == []
+def test_preference_without_a_prompt_is_refused():
+    # Plain strings are not conversations: no prompt can be extracted (this used to pass and crash in tokenization).
+    e = err({"chosen": "x", "rejected": "y"}, DataKind.PREFERENCE)
+    assert (e.field, e.drop_reason) == ("prompt", None)
+    assert e.expected.startswith("a non-empty prompt, or 'chosen' and 'rejected' conversations")
 
 
 def test_preference_sharegpt_pairwise():

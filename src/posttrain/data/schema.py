@@ -13,8 +13,10 @@ Guarantees and choices:
   pair whose chosen and rejected are identical raises with ``drop_reason="identical_pair"``;
 - preference without a prompt field: chosen and rejected are taken as whole conversations (message lists, or
   HH-RLHF transcripts, which are parsed), the longest common prefix of whole turns becomes the prompt and each
-  side keeps the rest, which must be assistant turns (ALGORITHMS.md pitfall 20 at the message level). Plain
-  strings that are not transcripts give an empty prompt (an unconditioned pair);
+  side keeps the rest, which must be assistant turns (ALGORITHMS.md pitfall 20 at the message level);
+- every preference row has a prompt with text: a pair left without one (plain strings that are not transcripts,
+  conversations that share no turn, a null prompt) is a `DataError` on field 'prompt', not an unconditioned pair
+  (it would only fail later, when the chat template meets an empty conversation);
 - with a prompt field, chosen/rejected may repeat the prompt turns first (as some hub sets do); those are removed;
 - ShareGPT pairwise rows (``conversations`` + ``chosen``/``rejected`` single messages) use ``conversations`` as
   the prompt; for sft and unpaired, ``conversations`` is accepted wherever ``messages`` is;
@@ -34,7 +36,7 @@ import math
 from enum import StrEnum
 from typing import Any
 
-from posttrain.data.errors import RowRef, describe, missing
+from posttrain.data.errors import RowRef, describe, describe_fields, missing
 from posttrain.data.messages import (Message, looks_like_transcript, parse_transcript, roles, split_shared_prefix,
                                      to_messages)
 from posttrain.rewards.verifiable import extract_final_answer, normalize_number
@@ -151,12 +153,31 @@ def _preference(rec: dict, ref: RowRef) -> dict[str, Any]:
     shared, chosen_rest, rejected_rest = split_shared_prefix(chosen, rejected)
     if prompt is None:
         prompt = shared
+        if not _has_text(prompt):
+            raise ref.error("prompt", PROMPT_EXPECTED, _no_prompt(rec, shared))
+    elif not _has_text(prompt):
+        raise ref.error(prompt_key, "a non-empty prompt", f"turns without text ({roles(prompt)})")
     elif shared and shared != prompt:
         raise ref.error("chosen", f"responses that follow {prompt_key!r}, or repeat it whole before the response",
                         f"both start with other shared turns ({roles(shared)})")
     _check_response(chosen_rest, ref, "chosen", whole=len(chosen) == 1)
     _check_response(rejected_rest, ref, "rejected", whole=len(rejected) == 1)
     return {"prompt": prompt, "chosen": chosen_rest, "rejected": rejected_rest}
+
+
+PROMPT_EXPECTED = ("a non-empty prompt, or 'chosen' and 'rejected' conversations that begin with the same non-empty "
+                   "prompt turn (as HH-RLHF transcripts do)")
+
+
+def _has_text(messages: list[Message]) -> bool:
+    return any(m["content"].strip() for m in messages)
+
+
+def _no_prompt(rec: dict, shared: list[Message]) -> str:
+    given = "null" if "prompt" in rec else f"no 'prompt' field (the row has {describe_fields(rec)})"
+    if not shared:
+        return f"{given}, and 'chosen' and 'rejected' share no prompt turn"
+    return f"{given}, and the turns 'chosen' and 'rejected' share have no text ({roles(shared)})"
 
 
 def _verifiable(rec: dict, ref: RowRef) -> dict[str, Any]:

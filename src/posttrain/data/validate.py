@@ -2,7 +2,7 @@
 
 Guarantees:
 - every row is checked; the first malformed row (missing field, wrong type, bad role, non-string content, label
-  that is not a boolean…) raises a `DataError` naming file, 1-based row and field; no partial result is returned;
+  that is not a boolean, a preference pair without a prompt…) raises a `DataError` naming file, 1-based row and field; no partial result is returned;
 - two kinds of rows are unusable rather than malformed and are handled by policy, never silently:
   - identical chosen and rejected ("identical_pair"): always dropped and counted (such a pair has loss ln 2 and
     zero gradient, ALGORITHMS.md pitfall 13);
