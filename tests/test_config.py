@@ -52,3 +52,170 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+# ------------------------------------------------------------------------ errors name their source, early
+
+def _cli(argv, capsys):
+    from posttrain.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["demo", "run"])
+def test_a_flag_typo_is_blamed_on_the_flag_with_the_closest_key(command, tmp_path, capsys):
+    config = tmp_path / "cfg.yaml"
+    config.write_text("method: grpo\n")
+    argv = [command] + ([str(config)] if command == "run" else []) + ["--train.stpes", "2",
+                                                                       "--runs_dir", str(tmp_path / "runs")]
+    code, err = _cli(argv, capsys)
+    assert code == 2
+    assert err == "posttrain: command-line flag --train.stpes: unknown key (did you mean --train.steps?)\n"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_unknown_section_or_bare_leaf_flag_suggests_the_full_key():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, parse_overrides(["--trian.steps", "2"]))
+    assert str(info.value) == "command-line flag --trian.steps: unknown key (did you mean --train.steps?)"
+    with pytest.raises(ConfigError) as info:
+        load_config(None, parse_overrides(["--steps", "2"]))
+    assert str(info.value) == "command-line flag --steps: unknown key (did you mean --train.steps?)"
+
+
+def test_a_bad_flag_value_names_the_flag_not_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: dpo\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, parse_overrides(["--train.steps", "abc"]))
+    assert str(info.value) == ("command-line flag --train.steps: Input should be a valid integer, unable to parse "
+                               "string as an integer")
+
+
+def test_an_unknown_key_in_the_yaml_names_the_file_and_the_closest_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  stpes: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, parse_overrides(["--train.lr", "1e-4"]))
+    assert str(info.value) == f"{path}: train.stpes: unknown key (did you mean train.steps?)"
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("evaluate.benchmarks", "mmlu,arc_easy", ["mmlu", "arc_easy"]),
+    ("evaluate.benchmarks", "mmlu, arc_easy", ["mmlu", "arc_easy"]),
+    ("evaluate.benchmarks", "[mmlu, arc_easy]", ["mmlu", "arc_easy"]),
+    ("evaluate.benchmarks", "gsm8k", ["gsm8k"]),
+    ("compress.fallback", "gguf:q8_0,int8_rtn", ["gguf:q8_0", "int8_rtn"]),
+    ("lora.target_modules", "q_proj,v_proj", ["q_proj", "v_proj"]),
+    ("lora.target_modules", "all-linear", "all-linear"),  # also a string: split only at commas
+])
+def test_list_keys_take_comma_separated_flags(flag, value, expected):
+    config = load_config(None, parse_overrides([f"--{flag}", value]))
+    section, key = flag.split(".")
+    assert getattr(getattr(config, section), key) == expected
+
+
+def test_list_keys_keep_the_yaml_list_syntax(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("evaluate:\n  benchmarks: [mmlu, arc_easy]\ncompress:\n  fallback:\n    - gguf:q8_0\n")
+    config = load_config(path)
+    assert (config.evaluate.benchmarks, config.compress.fallback) == (["mmlu", "arc_easy"], ["gguf:q8_0"])
+
+
+KNOWN = "mmlu, arc_easy, arc_challenge, gsm8k, truthfulqa_mc1, truthfulqa_mc2, humaneval, mt_bench"
+
+
+def test_an_unknown_benchmark_is_refused_when_the_config_is_read(tmp_path, capsys):
+    code, err = _cli(["demo", "--evaluate.benchmarks", "[mmluu]", "--runs_dir", str(tmp_path / "runs")], capsys)
+    assert code == 2
+    assert err == ("posttrain: command-line flag --evaluate.benchmarks: unknown benchmark 'mmluu' (did you mean "
+                   f"'mmlu'?); known: {KNOWN}\n")
+    assert not (tmp_path / "runs").exists()
+    path = tmp_path / "c.yaml"
+    path.write_text("evaluate:\n  benchmarks: [gsm8k, hellaswag]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: evaluate.benchmarks: unknown benchmark 'hellaswag'; known: {KNOWN}"
+
+
+def test_an_out_of_range_compress_method_is_refused_before_anything_runs(tmp_path, capsys):
+    code, err = _cli(["demo", "--compress.method", "prune:width:1.5", "--runs_dir", str(tmp_path / "runs")], capsys)
+    assert code == 2
+    assert err == ("posttrain: command-line flag --compress.method: compression method 'prune:width:1.5': expected "
+                   "the fraction of FFN neurons to remove, a number in [0, 1), e.g. prune:width:0.25, got '1.5'\n")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("method,expected", [
+    ("prune:width:1.5", "the fraction of FFN neurons to remove, a number in [0, 1)"),
+    ("prune:width:1", "the fraction of FFN neurons to remove, a number in [0, 1)"),
+    ("prune:width:-0.1", "the fraction of FFN neurons to remove, a number in [0, 1)"),
+    ("prune:width:half", "the fraction of FFN neurons to remove, a number in [0, 1)"),
+    ("prune:magnitude:0", "a sparsity in (0, 1) or an N:M pattern"),
+    ("prune:wanda:1.0", "a sparsity in (0, 1) or an N:M pattern"),
+    ("prune:magnitude:nan", "a sparsity in (0, 1) or an N:M pattern"),
+    ("prune:sparsegpt:4:2", "an N:M pattern with 0 < N < M"),
+    ("prune:magnitude:0:4", "an N:M pattern with 0 < N < M"),
+    ("prune:wanda:2:x", "an N:M pattern with 0 < N < M"),
+    ("prune:depth:0", "a positive whole number of decoder layers to remove"),
+    ("prune:depth:1.5", "a positive whole number of decoder layers to remove"),
+    ("prune:depth:-1", "a positive whole number of decoder layers to remove"),
+])
+def test_parse_method_refuses_amounts_no_model_can_take(method, expected):
+    from posttrain.compress.api import parse_method
+
+    with pytest.raises(ValueError) as info:
+        parse_method(method)
+    assert str(info.value).startswith(f"compression method {method!r}: expected {expected}")
+    assert str(info.value).endswith(f", got {method.split(':', 2)[2]!r}")
+
+
+@pytest.mark.parametrize("method,amount", [("prune:width:0", "0"), ("prune:width:0.25", "0.25"),
+                                           ("prune:magnitude:0.5", "0.5"), ("prune:wanda:2:4", "2:4"),
+                                           ("prune:depth:2", "2")])
+def test_parse_method_keeps_valid_amounts(method, amount):
+    from posttrain.compress.api import parse_method
+
+    assert parse_method(method).amount == amount
+
+
+@pytest.mark.parametrize("text", ["", "# nothing set yet\n", "{}\n"])
+def test_an_empty_config_file_is_refused_naming_it(text, tmp_path, capsys):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    code, err = _cli(["run", str(path), "--runs_dir", str(tmp_path / "runs")], capsys)
+    assert code == 2
+    assert err == (f"posttrain: {path} is empty: a run config sets at least one key, e.g. model, data or method "
+                   "(`posttrain demo` runs the embedded default)\n")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_notes_name_the_run_config_key_for_the_data_dir(tmp_path, monkeypatch):
+    """A benchmark without data says `give --data-dir DIR` (posttrain eval's flag); in a run the note names
+    evaluate.data_dir."""
+    from posttrain.agents.evaluator import EvaluatorAgent
+    from posttrain.config import RunConfig
+    from posttrain.evaluate import loglikelihood
+    from posttrain.evaluate.harness import BenchmarkUnavailable
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(loglikelihood, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(BenchmarkUnavailable) as info:
+        loglikelihood.load_hub_split("arc_easy", "allenai/ai2_arc", "ARC-Easy", "test")
+    assert "give --data-dir DIR" in str(info.value)  # posttrain eval keeps its flag
+
+    class Ctx:
+        notes: list = []
+
+        def publish(self, type, data, **kw):
+            self.notes.append(data["text"])
+
+    ctx = Ctx()
+    out = {"results": {}, "skipped": {"arc_easy": str(info.value)}, "notes": {}}
+    EvaluatorAgent(RunConfig(runs_dir=str(tmp_path)), tmp_path)._publish(ctx, "base", "embedded", out,
+                                                                          tmp_path / "s.jsonl")
+    assert ctx.notes == ["base: arc_easy not measured: arc_easy: cannot load allenai/ai2_arc (test) from the Hugging "
+                         "Face hub: the hub is not reachable (set HF_HUB_OFFLINE=1 to use a cached copy); set "
+                         "evaluate.data_dir in the run config (a folder laid out like ../shared/datasets)"]

@@ -1,8 +1,12 @@
 """Run configuration: typed, with defaults; YAML in, dotted overrides from the command line.
 
-Guarantees: unknown keys are refused with the key's dotted path; `--train.lr 1e-4` style overrides are parsed as
-YAML scalars and validated like the file; the resolved configuration is written to the run directory, so a run
-can be reproduced from its own `config.yaml`.
+Guarantees: unknown keys are refused with the key's dotted path and the closest known key; `--train.lr 1e-4` style
+overrides are parsed as YAML scalars and validated like the file, and an error caused by a flag names the flag
+(`command-line flag --train.stpes`), never the YAML file; a list-typed key takes a YAML list or comma-separated
+values from a flag (`--evaluate.benchmarks mmlu,arc_easy`); an empty config file is refused (it would run the
+embedded defaults); settings that can never work (an unknown benchmark, a compress method that is malformed or
+out of range) are refused when the config is read; the resolved configuration is written to the run directory,
+so a run can be reproduced from its own `config.yaml`.
 
 Example (configs/demo.yaml shows the full set):
 
@@ -14,8 +18,11 @@ Example (configs/demo.yaml shows the full set):
 
 from __future__ import annotations
 
+import copy
+import difflib
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -174,6 +181,18 @@ class EvalOptions(_Strict):
     batch_size: int = Field(32, ge=1)
     max_new_tokens: int = Field(64, ge=1)
 
+    @field_validator("benchmarks")
+    @classmethod
+    def _known_benchmarks(cls, value: list[str]) -> list[str]:
+        from .evaluate.benchmarks import REGISTRY  # names only: a runner module is imported when it runs
+
+        for name in value:
+            if name not in REGISTRY:
+                close = difflib.get_close_matches(name, list(REGISTRY), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown benchmark {name!r}{hint}; known: {', '.join(REGISTRY)}")
+        return value
+
 
 class RunConfig(_Strict):
     model: str = Field("embedded", description="'embedded', a local path or a hub id")
@@ -252,6 +271,104 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The config section (a pydantic model) a field holds, also through `X | None`; None for a plain value."""
+    for option in (annotation, *get_args(annotation)):
+        if isinstance(option, type) and issubclass(option, BaseModel):
+            return option
+    return None
+
+
+def known_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the configuration, sections included (`train`, `train.steps`, ...)."""
+    keys = []
+    for name, info in model.model_fields.items():
+        keys.append(prefix + name)
+        section = _section_model(info.annotation)
+        if section is not None:
+            keys.extend(known_keys(section, f"{prefix}{name}."))
+    return keys
+
+
+def _field(dotted: str) -> Any:
+    """The FieldInfo of a dotted key, or None when it is unknown or lies inside a free-form dict."""
+    model: type[BaseModel] | None = RunConfig
+    info = None
+    for part in dotted.split("."):
+        if model is None or part not in model.model_fields:
+            return None
+        info = model.model_fields[part]
+        model = _section_model(info.annotation)
+    return info
+
+
+def _from_flag(key: str, value: Any) -> Any:
+    """Comma-separated text given to a list-typed key becomes a list (`mmlu,arc_easy`, or one name alone); a key
+    that also takes a string (`lora.target_modules`) is split only at commas."""
+    info = _field(key)
+    if info is None or not isinstance(value, str):
+        return value
+    annotation = info.annotation
+    options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    if not any(o is list or get_origin(o) is list for o in options):
+        return value
+    if str in options and "," not in value:
+        return value
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def did_you_mean(dotted: str, *, flag: bool = False) -> str:
+    """' (did you mean train.steps?)' for the closest known keys of an unknown one, or ''."""
+    keys = known_keys()
+    close = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
+    if "." not in dotted or not close:  # `--steps` for `--train.steps`: the (nearly) same last part in a section
+        leaves = {k: k.rsplit(".", 1)[-1] for k in keys}
+        near = difflib.get_close_matches(dotted.rsplit(".", 1)[-1], sorted(set(leaves.values())), n=1, cutoff=0.75)
+        close = [k for k, leaf in leaves.items() if leaf in near][:4] or close
+    dash = "--" if flag else ""
+    return f" (did you mean {', '.join(dash + k for k in close)}?)" if close else ""
+
+
+def _has_path(tree: Any, loc: tuple) -> bool:
+    for part in loc:
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def _flag_behind(loc: tuple, overrides: dict[str, Any], file_raw: dict[str, Any]) -> str | None:
+    """The flag an error at `loc` comes from: the flag's key or one inside it, or a key below a section the flag
+    created (an unknown section such as `--trian.steps`)."""
+    dotted = ".".join(str(p) for p in loc)
+    for key in overrides:
+        if dotted == key or dotted.startswith(key + "."):
+            return key
+    for key in overrides:
+        if key.startswith(dotted + ".") and not _has_path(file_raw, loc):
+            return key
+    return None
+
+
+def _problem(error: dict[str, Any], where: str, overrides: dict[str, Any], file_raw: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    dotted = ".".join(str(p) for p in loc)
+    flag = _flag_behind(loc, overrides, file_raw)
+    unknown = error["type"] == "extra_forbidden"
+    if flag is not None:
+        msg = f"unknown key{did_you_mean(flag, flag=True)}" if unknown else _message(error)
+        inner = dotted[len(flag) + 1:] if dotted.startswith(flag + ".") else ""
+        at = f" (at {inner})" if inner and not inner.isdigit() else ""
+        return f"command-line flag --{flag}{at}: {msg}"
+    msg = f"unknown key{did_you_mean(dotted)}" if unknown else _message(error)
+    return f"{where}: {dotted}: {msg}"
+
+
+def _message(error: dict[str, Any]) -> str:
+    # pydantic prefixes our validators' ValueErrors with "Value error, "; the text after it is the message.
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     raw: dict[str, Any] = {}
     if path is not None:
@@ -260,20 +377,28 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"config file {path} does not exist" if not path.exists() else
                               f"{path} is not a file: give the path of a YAML config")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if loaded is None or loaded == {}:  # running the embedded defaults is `posttrain demo`, said out loud
+            raise ConfigError(f"{path} is empty: a run config sets at least one key, e.g. model, data or method "
+                              "(`posttrain demo` runs the embedded default)")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
         raw = loaded
-    for key, value in (overrides or {}).items():
-        _set_dotted(raw, key, value)
+    file_raw = copy.deepcopy(raw)
+    overrides = dict(overrides or {})
+    for key, value in overrides.items():
+        try:
+            _set_dotted(raw, key, _from_flag(key, value))
+        except ConfigError as exc:
+            raise ConfigError(f"command-line flag --{key}: {exc}") from None
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
         where = f"{path}" if path else "configuration"
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{where}: {problems}") from None
+        problems = [_problem(e, where, overrides, file_raw) for e in exc.errors()]
+        raise ConfigError("; ".join(dict.fromkeys(problems))) from None
 
 
 def dump_config(config: RunConfig) -> str:

@@ -8,7 +8,6 @@ import socket
 import pytest
 
 from posttrain.models.loading import ModelSourceError, load_model, load_tokenizer, locate
-from conftest import make_tiny_llama  # tests/ is on sys.path (pytest puts the conftest directory there)
 
 
 @pytest.fixture
@@ -85,7 +84,11 @@ def test_neither_a_directory_nor_a_hub_id(hub_online):
 
 
 def test_a_saved_model_directory_loads(tmp_path, tiny_tokenizer):
-    make_tiny_llama(tiny_tokenizer).save_pretrained(tmp_path)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path)
     assert locate(str(tmp_path), "model") == str(tmp_path)
     assert load_model(str(tmp_path)).config.vocab_size == len(tiny_tokenizer)
@@ -117,3 +120,15 @@ def test_in_a_run_the_data_stage_fails_at_once(tmp_path, capsys):
     assert [(f["stage"], f["attempts"], f["error_type"]) for f in failed] == [("data", 1, "ModelSourceError")]
     assert failed[0]["reason"] == ("ModelSourceError: /nonexistent/dir: no such directory (expected a local Hugging "
                                    "Face model directory, or a hub id 'org/name')")
+
+
+def test_readme_model_paths_follow_the_checkpoint_layout():
+    """The trainer saves under checkpoints/<method>/final (LoRA: .../adapter and .../merged); a README example
+    that points elsewhere fails on a newcomer's first try."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    paths = re.findall(r"runs/<id>/checkpoints/\S*", readme)
+    assert paths and all(re.fullmatch(r"runs/<id>/checkpoints/<method>/(final|adapter|merged)", p) for p in paths), \
+        paths

@@ -185,11 +185,23 @@ class EvaluatorAgent:
                 measured[f"{label or bench}/{metric}"] = payload
         for bench, reason in out["skipped"].items():
             ctx.publish("run.note.v1", {"level": "warning", "text": f"{name}: {label or bench} not measured: "
-                                                                    f"{reason}"})
+                                                                    f"{in_run_terms(reason)}"})
         for bench, notes in out["notes"].items():
             for note in notes:
-                ctx.publish("run.note.v1", {"level": "info", "text": f"{name}: {label or bench}: {note}"})
+                ctx.publish("run.note.v1", {"level": "info", "text": f"{name}: {label or bench}: {in_run_terms(note)}"})
         return measured
+
+
+# The benchmarks speak `posttrain eval`'s flag; in a run the same setting is the run-config key.
+_RUN_TERMS = (("give --data-dir DIR", "set evaluate.data_dir in the run config"),
+              ("a --data-dir", "an evaluate.data_dir"), ("--data-dir", "evaluate.data_dir"))
+
+
+def in_run_terms(text: str) -> str:
+    """A benchmark's message with `--data-dir` named as the run-config key `evaluate.data_dir`."""
+    for flag, key in _RUN_TERMS:
+        text = text.replace(flag, key)
+    return text
 
 
 def _attempt_suffix(p: dict[str, Any]) -> str:

@@ -53,12 +53,41 @@ def parse_method(method: str) -> Method:
     if family == "gguf" and len(parts) == 2 and parts[1] in GGUF_TYPES:
         return Method("gguf", parts[1])
     if family == "prune" and len(parts) >= 3 and parts[1] in ("magnitude", "wanda", "sparsegpt", "width", "depth"):
-        return Method("prune", parts[1], ":".join(parts[2:]))
+        amount = ":".join(parts[2:])
+        _check_prune_amount(method, parts[1], amount)
+        return Method("prune", parts[1], amount)
     if family == "distill" and len(parts) == 2 and parts[1] in ("logit", "feature", "progressive"):
         return Method("distill", parts[1])
     raise ValueError(f"unknown compression method {method!r}; expected int8_rtn, gptq, awq, gguf:<{'|'.join(GGUF_TYPES)}>, "
                      "prune:magnitude|wanda|sparsegpt:<sparsity or N:M>, prune:width:<fraction>, prune:depth:<layers>, "
                      "distill:logit|feature|progressive")
+
+
+def _check_prune_amount(method: str, variant: str, amount: str) -> None:
+    """Refuse an amount no model can take, when the method string is read (a run config fails before it runs)."""
+    def bad(expected: str) -> ValueError:
+        return ValueError(f"compression method {method!r}: expected {expected}, got {amount!r}")
+
+    if variant == "depth":
+        if not (amount.isascii() and amount.isdigit() and int(amount) >= 1):
+            raise bad("a positive whole number of decoder layers to remove, e.g. prune:depth:1")
+        return
+    if variant != "width" and ":" in amount:
+        from .prune import parse_pattern
+
+        try:
+            parse_pattern(amount)
+        except ValueError:
+            raise bad(f"an N:M pattern with 0 < N < M, e.g. prune:{variant}:2:4") from None
+        return
+    try:
+        value = float(amount)
+    except ValueError:
+        value = float("nan")
+    if variant == "width" and not 0 <= value < 1:
+        raise bad("the fraction of FFN neurons to remove, a number in [0, 1), e.g. prune:width:0.25")
+    if variant != "width" and not 0 < value < 1:
+        raise bad(f"a sparsity in (0, 1) or an N:M pattern, e.g. prune:{variant}:0.5 or prune:{variant}:2:4")
 
 
 # Distillation's loop when compress.options.train does not say otherwise (a fresh student needs a high lr), and
