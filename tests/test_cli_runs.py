@@ -103,13 +103,15 @@ def test_show_and_runs_on_a_real_run_that_failed_on_bad_data(tmp_path, capsys, m
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"prompt": "Say hi", "chosen": "hi", "rejected": "bye"}\n{"prompt": "Say yo"}\n')
-    code, lines, _ = _cli(["run", str(REPO / "configs" / "examples" / "dpo_ultrafeedback.yaml"), "--quiet",
-                           "--data", str(data), "--runs_dir", str(tmp_path / "runs")], capsys)
+    code, lines, stderr = _cli(["run", str(REPO / "configs" / "examples" / "dpo_ultrafeedback.yaml"), "--quiet",
+                                "--data", str(data), "--runs_dir", str(tmp_path / "runs")], capsys)
     run_dir = Path(lines[-1])
     report = json.loads((run_dir / "report.json").read_text())
     assert code == 1 and report["status"] == "failed"
     err = report["error"]
     assert err["agent"] == "data" and err["task"].startswith("data-") and "row 2" in err["reason"]
+    # A failed run says why on stderr, in one line; stdout still ends with the run directory.
+    assert stderr.splitlines() == [f"posttrain: run failed: data ({err['task']}): {' '.join(err['reason'].split())}"]
 
     code, shown, _ = _cli(["show", run_dir.name, "--runs-dir", str(tmp_path / "runs")], capsys)
     assert code == 0

@@ -104,17 +104,18 @@ def test_missing_log_is_a_clear_error(tmp_path):
 
 
 def test_benchmark_table_shows_each_value_with_its_interval(tmp_path):
-    """Each cell carries its 95% interval; a mean of one item has none; differing n are listed per model."""
+    """Each cell carries its 95% interval; a logged result without one says so; differing n are listed per model."""
     from posttrain.evaluate.benchmarks.base import Metric
 
     w = runlogs.Writer(tmp_path / "b", run_id="run-bench")
     runlogs.start(w)
-    # The intervals are the harness's own for these counts and ratings (Wilson; normal clipped to 1-10).
+    # The intervals are the harness's own for these counts and ratings (Wilson; for 1-10 ratings Wilson on the
+    # rescaled mean); a mean with no known range over one item has no interval.
     logged = [("arc_easy", "acc", "base", Metric.proportion(2, 8)),
               ("arc_easy", "acc", "aligned", Metric.proportion(3, 8)),
               ("mt_bench", "score", "base", Metric.mean([1, 2, 3, 4, 5], 1.0, 10.0)),
               ("mt_bench", "score", "aligned", Metric.mean([2, 4], 1.0, 10.0)),
-              ("mt_bench", "score", "compressed", Metric.mean([7], 1.0, 10.0))]
+              ("mt_bench", "score", "compressed", Metric.mean([7.0]))]
     for i, (bench, metric, model, m) in enumerate(logged):
         w.emit(1.0 + i, "eval.result.v1", "evaluator", {"model": model, "metric": metric, "benchmark": bench,
                                                         "path": f"artifacts/{model}", **m.as_dict()})
@@ -129,5 +130,17 @@ def test_benchmark_table_shows_each_value_with_its_interval(tmp_path):
         "| benchmark / metric | base [95% CI] | aligned [95% CI] | compressed [95% CI] | n |",
         "|---|---|---|---|---|",
         "| arc_easy/acc | 0.250 [0.071, 0.591] | 0.375 [0.137, 0.694] | not measured | 8 |",
-        "| mt_bench/score | 3.000 [1.614, 4.386] | 3.000 [1.040, 4.960] | 7.000 (no interval) | 5 / 2 / 1 |",
+        "| mt_bench/score | 3.000 [1.391, 6.781] | 3.000 [1.193, 8.095] | 7.000 (no interval) | 5 / 2 / 1 |",
     ]
+
+
+def test_an_interrupted_run_reports_the_stage_it_stopped_and_says_it_was_interrupted(tmp_path):
+    md_path, json_path = write_report(runlogs.interrupted_run(tmp_path / "i"))
+    r = json.loads(json_path.read_text())
+    assert r["status"] == "failed" and r["interrupted"] is True
+    assert r["error"] == {"agent": "runner", "task": None,
+                          "reason": "interrupted by the user (Ctrl-C) while trainer (t-train) was busy"}
+    assert r["stages"] == [{"name": "data", "status": "succeeded", "wall_s": 1.0},
+                           {"name": "train", "status": "interrupted", "wall_s": 3.0}]
+    assert "| train | interrupted | 3.0 s |" in md_path.read_text().splitlines()
+    assert json.loads(write_report(runlogs.failed_run(tmp_path / "f"))[1].read_text())["interrupted"] is False

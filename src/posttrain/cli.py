@@ -10,7 +10,9 @@
     posttrain embedded build [--force]   (re)build the cached embedded model
 
 Contract: `demo` and `run` print the run directory's path as the last line of stdout; their exit status is 0 when
-the run succeeded, 1 when it failed, 2 for a usage or configuration error.
+the run succeeded, 1 when it failed, 2 for a usage or configuration error. A failed run also says why on stderr,
+in one line: `posttrain: run failed: AGENT (TASK): REASON`. `eval` exits 1 when it measured nothing (every
+benchmark skipped or without a metric), after writing its JSON with the reasons.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from .compress.llmc import QuantExtraMissing  # import-light: llm-compressor itself is imported only when used
 from .config import ConfigError, load_config, parse_overrides
@@ -39,6 +42,14 @@ def _view_mode(args: argparse.Namespace) -> str:
     from .live.terminal import choose_mode
 
     return choose_mode(args.quiet, args.plain)
+
+
+def failure_line(report: dict) -> str:
+    """`posttrain: run failed: AGENT (TASK): REASON` from a failed run's report, on one line (no task: no parens)."""
+    err = report.get("error") or {}
+    task = f" ({err['task']})" if err.get("task") else ""
+    reason = " ".join(str(err.get("reason") or "no reason was recorded").split())
+    return f"posttrain: run failed: {err.get('agent') or 'unknown agent'}{task}: {reason}"
 
 
 def _cmd_pipeline(args: argparse.Namespace, extra: list[str]) -> int:
@@ -62,6 +73,8 @@ def _cmd_pipeline(args: argparse.Namespace, extra: list[str]) -> int:
         else:
             print(render_markdown(outcome.report))
     code = {"SIGINT": 130, "SIGTERM": 143}.get(outcome.interrupted or "", 0 if outcome.status == "succeeded" else 1)
+    if outcome.status != "succeeded":
+        print(failure_line(outcome.report), file=sys.stderr, flush=True)
     if outcome.abandoned_agents:
         print(f"posttrain: abandoning busy agent thread(s): {', '.join(outcome.abandoned_agents)}", file=sys.stderr,
               flush=True)
@@ -169,7 +182,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     def progress(name: str, done: int, total: int) -> None:
         if not args.quiet:
-            console.print(f"[{name}] {done}/{total}", highlight=False)
+            console.print(escape(f"[{name}] {done}/{total}"), highlight=False)  # "[name]" is text, not markup
 
     result = run_benchmarks(model, tokenizer, names, data_dir=args.data_dir, limit=args.limit, seed=args.seed,
                             batch_size=args.batch_size, options=options, samples_path=samples,
@@ -178,7 +191,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     output.write_text(json.dumps(result, indent=2))
     for name, metrics in result["results"].items():
         for metric, m in metrics.items():
-            ci = (f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m["ci_low"] is not None else "")
+            ci = (f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m["ci_low"] is not None else " (no interval)")
             print(f"{name:<16} {metric:<24} {m['value']:.4f}  n={m['n']}{ci}")
         if not metrics:
             why = "; ".join(n for n in result["notes"].get(name, []) if "not measured" in n) or "see the notes"
@@ -186,6 +199,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for name, reason in result["skipped"].items():
         print(f"{name:<16} skipped: {reason}")
     print(output, flush=True)
+    if not any(result["results"].values()):
+        # Every benchmark was skipped or produced no metric: a run that measured nothing has not succeeded.
+        skipped = list(result["skipped"])
+        empty = [name for name, metrics in result["results"].items() if not metrics]
+        why = "; ".join(([f"skipped: {', '.join(skipped)}"] if skipped else [])
+                        + ([f"no metric from: {', '.join(empty)}"] if empty else []))
+        print(f"posttrain: nothing was measured ({why}); the reasons are printed above and recorded in {output}",
+              file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -4,15 +4,17 @@ Guarantees:
 - the only input is `run_dir/events.sqlite` (and the run directory's name as a fallback run id): a report can be
   rebuilt at any time from the log, and says nothing the log does not support;
 - a quantity that was never measured is `null` in JSON and "not measured" in Markdown, never a number;
-- `status` is "succeeded" or "failed". A log without ``run.finished.v1`` (a crashed or still-running run) reports
+- `status` is "succeeded" or "failed"; `interrupted` is true when the run was stopped from outside (Ctrl-C or
+  SIGTERM: then status is "failed", the error's reason says so and the stage it stopped reads "interrupted",
+  with its wall time up to the interrupt). A log without ``run.finished.v1`` (a crashed or still-running run) reports
   "failed" with an error saying the run did not finish, because its results are incomplete;
 - `stages` are listed in the order they started (a skipped stage that never started sits where it was decided);
   a stage run again after the evaluation gate rejected a compressed model is `compress#2`, `evaluate#2`, ... after
   the earlier attempts, whose evaluate reads status "rejected";
 - the accuracies are each model's last measurement: after a gate fallback, `compressed` is the kept artifact's.
 
-report.json keys: run_id, status, method, rationale, runner_up, accuracy {base, aligned, compressed} each
-{value, n, metric} or null, sizes_bytes {aligned, compressed}, stages [{name, status, wall_s}], error
+report.json keys: run_id, status, interrupted, method, rationale, runner_up, accuracy {base, aligned, compressed}
+each {value, n, metric} or null, sizes_bytes {aligned, compressed}, stages [{name, status, wall_s}], error
 {agent, task, reason} or null, data, training {method, steps, total_steps, last_step, metrics {name: {first, final,
 min, max, nonfinite}}}, compression {method, path, reload_ok, size_bytes, base_size_bytes, ratio,
 perplexity, base_perplexity, top1_agreement, tokens_per_s, load_seconds, runtime, positions, scored_on
@@ -112,6 +114,7 @@ def build_report(run_dir: str | Path, state: RunState | None = None) -> dict[str
     return {
         "run_id": state.run_id or run_dir.name,
         "status": "succeeded" if state.status == "succeeded" else "failed",
+        "interrupted": state.interrupted is not None,
         "method": method.get("method"),
         "rationale": method.get("rationale"),
         "runner_up": method.get("runner_up"),
@@ -141,7 +144,7 @@ def _acc(entry: dict[str, Any] | None) -> str:
 
 
 def _with_interval(entry: dict[str, Any] | None) -> str:
-    """A benchmark cell: the value and its 95% interval; a mean over fewer than two items has none, and says so."""
+    """A benchmark cell: the value and its 95% interval; a result logged without one (see evaluate.stats) says so."""
     if not entry:
         return NOT_MEASURED
     if entry.get("ci_low") is None or entry.get("ci_high") is None:

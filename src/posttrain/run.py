@@ -7,11 +7,18 @@ Guarantees:
   the run passes `run_timeout_s` — with a reason naming the agent; a hung agent thread is abandoned (daemon) rather
   than waited for, after the log has recorded everything up to that point;
 - agents are started before `run.started.v1` is published, and the bus is closed before the report is written, so
-  the report sees the complete log.
+  the report sees the complete log; the live view drains the log after the bus is closed, so its stream ends with
+  every event the report counts;
+- a Ctrl-C (or SIGTERM) ends the run as failed: the coordinator is stopped first (it can no longer move the run
+  on), every stage the log shows started and not closed gets `stage.completed.v1` with status "interrupted" and
+  its wall time up to the interrupt, then `run.finished.v1` says who was busy and carries `interrupted`;
+- a Ctrl-C while the embedded model is being built says so in one line; the build leaves nothing in the cache
+  (`models.embedded` builds into a temporary directory that is removed), so the next run builds it again.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import uuid
@@ -20,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rich.console import Console
+from rich.text import Text
 
 from .agents.compressor import CompressorAgent
 from .agents.coordinator import Coordinator
@@ -32,8 +40,9 @@ from .bus.bus import Bus
 from .bus.envelope import Envelope
 from .bus.events import make_event
 from .bus.health import Watchdog
-from .bus.log import EventLog
+from .bus.log import EventLog, read_events
 from .config import RunConfig, dump_config
+from .live.state import RunState
 from .live.terminal import LiveView
 from .report import write_report
 
@@ -73,10 +82,17 @@ def execute(config: RunConfig, *, view: str = "plain", console: Console | None =
         from .models.embedded import cache_root, embedded_dir_name, embedded_model_dir, is_built
 
         if not is_built(cache_root() / embedded_dir_name()):
-            (console or Console(stderr=True)).print(
+            # Text, not a markup string: "[posttrain]" would be read as a style tag and vanish.
+            (console or Console(stderr=True)).print(Text(
                 f"[posttrain] building the embedded model once (cached under {cache_root()}): about a minute on an "
-                "idle 2-core CPU, several minutes on a busy one", highlight=False, soft_wrap=True)
-        embedded_model_dir()
+                "idle 2-core CPU, several minutes on a busy one"), highlight=False, soft_wrap=True)
+        try:
+            embedded_model_dir()
+        except KeyboardInterrupt as exc:
+            what = "terminated (SIGTERM)" if exc.args and exc.args[0] == "SIGTERM" else "interrupted (Ctrl-C)"
+            print(f"posttrain: the embedded model build was {what}; nothing was cached, the next run builds it "
+                  "again", file=sys.stderr, flush=True)
+            raise
     run_id = new_run_id(config.run_name)
     run_dir = Path(config.runs_dir).resolve() / run_id
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -113,28 +129,48 @@ def execute(config: RunConfig, *, view: str = "plain", console: Console | None =
     live = LiveView(run_dir / "events.sqlite", mode=view, console=console)
     interrupted = None
     try:
-        live.run_until_finished(stop_event=finished)
+        live.run_until_finished(stop_event=finished, final=False)
         finished.wait()
     except KeyboardInterrupt as exc:
         interrupted = "SIGTERM" if exc.args and exc.args[0] == "SIGTERM" else "SIGINT"
         if not finished.is_set():
             busy = [f"{r.agent.name} ({r.task_id})" for r in runners if r.task_id]
             what = "terminated (SIGTERM)" if interrupted == "SIGTERM" else "interrupted by the user (Ctrl-C)"
+            reason = what + (f" while {', '.join(busy)} was busy" if busy else "")
+            for runner in runners:  # the coordinator first: it must not start or close a stage from here on
+                if runner.agent.name == "coordinator":
+                    runner.stop(timeout=1.0)
+            _close_open_stages(bus, run_dir / "events.sqlite", reason, start_env)
             bus.publish(make_event("run.finished.v1", RUNNER, run_id, {"status": "failed", "error": {
-                "agent": RUNNER, "task": None,
-                "reason": what + (f" while {', '.join(busy)} was busy" if busy else "")}},
+                "agent": RUNNER, "task": None, "reason": reason}, "interrupted": interrupted},
                 correlation_id=start_env.id, causation_id=start_env.id))
     for runner in runners:
         runner.stop(timeout=1.0)
     watchdog.stop()
     bus.close()
     log.close()
+    live.finish()  # the log is complete now: the view shows every event the report will count
     write_report(run_dir)
     import json
 
     report = json.loads((run_dir / "report.json").read_text())
     abandoned = tuple(r.agent.name for r in runners if r.alive)
     return RunOutcome(run_dir, report["status"], report, interrupted, abandoned)
+
+
+def _close_open_stages(bus: Bus, log_path: Path, reason: str, start_env: Envelope) -> None:
+    """Close, as "interrupted", every stage the log shows started and not completed; its wall time runs from its
+    logged start to now (both wall-clock times, as every event's)."""
+    state = RunState.from_events(read_events(log_path))
+    now = time.time()
+    for view in state.stages.values():
+        if view.status != "running" or view.task_id is None or view.started is None:
+            continue
+        stage = view.name.rsplit("#", 1)[0] if view.attempt > 1 else view.name  # the label of attempt k is name#k
+        bus.publish(make_event("stage.completed.v1", RUNNER, bus.run_id, {
+            "stage": stage, "task_id": view.task_id, "status": "interrupted",
+            "wall_s": round(max(0.0, now - view.started), 3), "reason": reason, "attempt": view.attempt},
+            subject=stage, correlation_id=start_env.id, causation_id=start_env.id))
 
 
 def _guard(bus: Bus, watchdog: Watchdog, runners: list[AgentRunner], config: RunConfig,

@@ -1,5 +1,7 @@
 """Ctrl-C (and SIGTERM, which the CLI turns into the same) ends a run cleanly: failed with the reason, the report
-written, the process gone — even while an agent thread is stuck in a step."""
+written, the process gone — even while an agent thread is stuck in a step. The stage it stopped is closed as
+interrupted with its wall time, the plain stream shows every logged event, and a Ctrl-C during the embedded model's
+build says so and leaves nothing cached."""
 
 import json
 import os
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from posttrain.bus.log import read_events
+
 SCRIPT = textwrap.dedent('''
     import os, sys, threading, signal
     sys.path.insert(0, {tests!r})
@@ -23,7 +27,7 @@ SCRIPT = textwrap.dedent('''
 
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     config = RunConfig(runs_dir={runs!r}, health={{"heartbeat_s": 0.05, "stall_after_s": 600}})
-    outcome = execute(config, view="quiet", agents=_cast(config, Hangs("trainer")))
+    outcome = execute(config, view="plain", agents=_cast(config, Hangs("trainer")))
     print(outcome.run_dir, flush=True)
     os._exit({{"SIGINT": 130, "SIGTERM": 143}}.get(outcome.interrupted, 1))
 ''')
@@ -56,5 +60,50 @@ def test_interrupt_ends_the_run_with_a_report(sig, tmp_path):
     assert report["status"] == "failed"
     expected = "interrupted by the user (Ctrl-C)" if sig == signal.SIGINT else "terminated (SIGTERM)"
     assert f"{expected} while trainer" in report["error"]["reason"]
-    stages = {s["name"]: s["status"] for s in report["stages"]}
-    assert stages["data"] == "succeeded"
+    assert report["interrupted"] is True
+    stages = {s["name"]: s for s in report["stages"]}
+    assert stages["data"]["status"] == "succeeded"
+    # The stage it stopped is closed, by the runner, with its wall time up to the interrupt.
+    logged = [e.envelope for e in read_events(run_dir / "events.sqlite")]
+    started = next(e for e in logged if e.type == "stage.started.v1" and e.data["stage"] == "train")
+    closed = [e for e in logged if e.type == "stage.completed.v1" and e.data["stage"] == "train"]
+    assert len(closed) == 1 and closed[0].source == "runner" and closed[0].data["status"] == "interrupted"
+    assert closed[0].data["task_id"] == started.data["task_id"]
+    assert closed[0].data["reason"] == report["error"]["reason"]
+    assert stages["train"]["status"] == "interrupted" and stages["train"]["wall_s"] == closed[0].data["wall_s"]
+    assert 0 < stages["train"]["wall_s"] <= closed[0].time - started.time + 0.0005  # measured to the ms, rounded
+    finished = [e for e in logged if e.type == "run.finished.v1"]
+    assert len(finished) == 1 and finished[0].data["interrupted"] == ("SIGINT" if sig == signal.SIGINT else "SIGTERM")
+    assert logged.index(closed[0]) < logged.index(finished[0])
+    # The plain stream drained the whole log before the process left: one line per non-heartbeat event, in order,
+    # then the closing line and the run directory.
+    lines = out.strip().splitlines()
+    printed = [line.split()[2] for line in lines if line.startswith("[")]
+    assert printed == [e.type for e in logged if e.type != "agent.heartbeat.v1"]
+    assert lines[-2] == f"run {report['run_id']} failed after {report['wall_s']:.1f}s"
+
+
+def test_ctrl_c_during_the_embedded_build_says_so_and_caches_nothing(tmp_path, monkeypatch, capsys):
+    """The build is interrupted after it has written part of a model: `posttrain demo` exits 130 with one line
+    saying so, and the cache holds nothing a later run would take for a finished build."""
+    from posttrain.cli import main
+    from posttrain.models import embedded
+
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+
+    def interrupted_build(out, seed, log):
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embedded, "_build_into", interrupted_build)
+    assert main(["demo", "--plain", "--runs_dir", str(tmp_path / "runs")]) == 130
+    out, err = capsys.readouterr()
+    # rich markup must not eat the "[posttrain]" prefix of the announcement
+    assert out.startswith("[posttrain] building the embedded model once (cached under ")
+    assert err.splitlines() == ["posttrain: the embedded model build was interrupted (Ctrl-C); nothing was cached, "
+                                "the next run builds it again"]
+    target = tmp_path / "cache" / embedded.embedded_dir_name()
+    assert not embedded.is_built(target) and not target.exists()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f".{target.name}.lock"]  # the lock only
+    assert not (tmp_path / "runs").exists()

@@ -42,11 +42,49 @@ def test_every_benchmark_runs_on_the_embedded_model(datasets_dir, tmp_path, caps
 
 
 def test_humaneval_without_the_opt_in_is_skipped_not_run(datasets_dir, tmp_path, capsys):
+    from posttrain.evaluate import sandbox
+
     out = tmp_path / "eval.json"
     assert main(["eval", "--model", "embedded", "--benchmarks", "humaneval", "--data-dir", str(datasets_dir),
-                 "--limit", "2", "--output", str(out), "--quiet"]) == 0
+                 "--limit", "2", "--output", str(out), "--quiet"]) == 1  # nothing was measured
     result = json.loads(out.read_text())
     assert result["results"] == {} and "allow" in result["skipped"]["humaneval"].lower()
+    # The isolation is named in words (it read "namespaces: namespaces").
+    words = sandbox.NAMESPACES_IN_WORDS[sandbox.NAMESPACES]
+    assert result["skipped"]["humaneval"].endswith(f"(resource limits, a timeout; isolation: {words}), never in "
+                                                   "this process")
+    assert "namespaces: namespaces" not in result["skipped"]["humaneval"]
+
+
+def test_eval_that_measured_nothing_exits_1_saying_why(tmp_path, capsys):
+    """Every requested benchmark skipped (no data under --data-dir, MT-Bench without its data, HumanEval without
+    the opt-in): the JSON is still written with each reason, stdout lists them and ends with the JSON's path, and
+    one stderr line says nothing was measured."""
+    out, missing = tmp_path / "eval.json", tmp_path / "no-such-dir"
+    assert main(["eval", "--model", "embedded", "--benchmarks", "arc_easy,mt_bench,humaneval", "--data-dir",
+                 str(missing), "--output", str(out)]) == 1
+    result = json.loads(out.read_text())
+    assert result["results"] == {} and list(result["skipped"]) == ["arc_easy", "mt_bench", "humaneval"]
+    assert result["skipped"]["arc_easy"] == (f"arc_easy: {missing}/arc/ARC-Easy/ARC-Easy-Test.jsonl does not exist "
+                                             "(a --data-dir laid out like ../shared/datasets)")
+    printed = capsys.readouterr()
+    lines = printed.out.splitlines()
+    assert lines[-1] == str(out)
+    assert [line.split()[:2] for line in lines[:-1]] == [["arc_easy", "skipped:"], ["mt_bench", "skipped:"],
+                                                         ["humaneval", "skipped:"]]
+    assert printed.err.splitlines() == [f"posttrain: nothing was measured (skipped: arc_easy, mt_bench, humaneval); "
+                                        f"the reasons are printed above and recorded in {out}"]
+
+
+def test_eval_progress_keeps_its_bracketed_label(datasets_dir, tmp_path, capsys):
+    """Progress goes through rich: "[arc_easy]" must not be read as a markup tag and vanish."""
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", "embedded", "--benchmarks", "arc_easy", "--data-dir", str(datasets_dir),
+                 "--limit", "2", "--output", str(out)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err and all(line.startswith("[arc_easy] ") for line in err)
+    total = int(err[-1].split("/")[-1])
+    assert err[-1] == f"[arc_easy] {total}/{total}"
 
 
 def test_humaneval_pass_at_k_from_the_cli(datasets_dir, tmp_path, capsys):
@@ -61,7 +99,7 @@ def test_humaneval_pass_at_k_from_the_cli(datasets_dir, tmp_path, capsys):
     metrics = result["results"]["humaneval"]
     assert set(metrics) == {"pass@1", "pass@2"}
     # Each value recomputed from the per-sample records: the unbiased estimator per problem, a bounded mean over
-    # the problems with its normal interval.
+    # the problems with its interval (Wilson on the mean, evaluate.stats).
     samples = [json.loads(line) for line in open(result["samples_path"])]
     assert len(samples) == 6 and {s["sample_index"] for s in samples} == {0, 1, 2}
     correct = {}

@@ -120,10 +120,15 @@ def test_pairwise_results_are_published_under_mt_bench_vs_base(datasets_dir, emb
     # One answer generation per model; the comparison only judges: 2 questions x 2 turns x 2 games.
     assert len(generated) == 2 and judge.calls == 4 + 4 + 8
     lo, hi = wilson_interval(0, 4)
+
+    def rating(n):  # every rating 6 of 1-10: Wilson on the mean rescaled to [0, 1] (5/9 of n), mapped back
+        r_lo, r_hi = wilson_interval(n * 5 / 9, n)
+        return (6.0, n, pytest.approx(1 + 9 * r_lo), pytest.approx(1 + 9 * r_hi))
+
     assert {k: (v["value"], v["n"], v["ci_low"], v["ci_high"]) for k, v in measured.items()} == {
-        "mt_bench/score": (6.0, 4, 6.0, 6.0), "mt_bench/score_turn1": (6.0, 2, 6.0, 6.0),
-        "mt_bench/score_turn2": (6.0, 2, 6.0, 6.0),
-        "mt_bench_vs_base/win_rate": (0.0, 4, lo, hi), "mt_bench_vs_base/win_rate_adjusted": (0.5, 4, 0.5, 0.5)}
+        "mt_bench/score": rating(4), "mt_bench/score_turn1": rating(2), "mt_bench/score_turn2": rating(2),
+        "mt_bench_vs_base/win_rate": (0.0, 4, lo, hi),
+        "mt_bench_vs_base/win_rate_adjusted": (0.5, 4, *wilson_interval(2, 4))}  # four ties: 0.5 each
     results = [d for t, d in ctx.published if t == "eval.result.v1" and d["benchmark"] == "mt_bench_vs_base"]
     assert [(d["model"], d["metric"]) for d in results] == [("aligned", "win_rate"), ("aligned", "win_rate_adjusted")]
     assert results[0]["samples_path"] == str(tmp_path / "artifacts" / "eval" / "aligned.mt_bench_vs_base.jsonl")

@@ -14,7 +14,7 @@ from posttrain.evaluate.harness import BenchmarkUnavailable
 from posttrain.evaluate.judge_parsing import checked_rating
 from posttrain.evaluate.judges import (COMPARABLE, LOCAL_JUDGE_CAVEAT, NOT_GPT4, JudgeError, LocalJudge,
                                         OpenAICompatibleJudge, judge_from_options)
-from posttrain.evaluate.stats import Z95
+from posttrain.evaluate.stats import wilson_interval
 
 run_mt_bench = get_benchmark("mt_bench")
 SECRET = "sk-test-secret-0123456789"
@@ -104,8 +104,10 @@ def test_single_mode_with_a_mock_endpoint_gives_exact_scores(make_llama, tiny_to
     assert result.metrics["score_turn1"].value == 7.0 and result.metrics["score_turn1"].n == 79
     assert result.metrics["score_turn2"].value == 8.5 and result.metrics["score_turn2"].n == 79
     assert result.metrics["score"].value == pytest.approx(7.75) and result.metrics["score"].n == 158
-    # Ratings are constant within a turn, so the turn means have zero-width intervals.
-    assert result.metrics["score_turn1"].ci_low == pytest.approx(7.0)
+    # Ratings are constant within a turn, yet the turn means keep a width: Wilson on the mean rescaled to [0, 1].
+    lo, hi = wilson_interval(79 * 6 / 9, 79)
+    assert (result.metrics["score_turn1"].ci_low, result.metrics["score_turn1"].ci_high) == pytest.approx(
+        (1 + 9 * lo, 1 + 9 * hi))
 
     failed = [s for s in result.samples if s["rating"] is None]
     assert {(s["question_id"], s["turn"]) for s in failed} == {(81, 1), (81, 2)}
@@ -248,12 +250,14 @@ def test_mock_endpoint_judges_the_answers_the_model_generated(make_llama, tiny_t
     assert [(x["question_id"], x["turn"]) for x in result.samples if x["rating"] is None] == \
         [(subset[0]["question_id"], 1), (subset[0]["question_id"], 2)]
     t1, t2, score = result.metrics["score_turn1"], result.metrics["score_turn2"], result.metrics["score"]
-    assert (t1.value, t1.n, t1.ci_low, t1.ci_high) == (9.0, 4, 9.0, 9.0)
-    assert (t2.value, t2.n, t2.ci_low, t2.ci_high) == (4.0, 4, 4.0, 4.0)
-    # Four 9s and four 4s: sd = sqrt(8 * 2.5^2 / 7), interval mean +- z * sd / sqrt(8).
-    half = Z95 * (8 * 2.5 ** 2 / 7) ** 0.5 / 8 ** 0.5
-    assert score.value == 6.5 and score.n == 8
-    assert score.ci_low == pytest.approx(6.5 - half) and score.ci_high == pytest.approx(6.5 + half)
+    # Ratings in [1, 10]: the interval is Wilson's on the mean rescaled to [0, 1] with n items, mapped back.
+    def rescaled(mean, n):
+        lo, hi = wilson_interval(n * (mean - 1) / 9, n)
+        return pytest.approx((1 + 9 * lo, 1 + 9 * hi))
+
+    assert (t1.value, t1.n) == (9.0, 4) and (t1.ci_low, t1.ci_high) == rescaled(9.0, 4)
+    assert (t2.value, t2.n) == (4.0, 4) and (t2.ci_low, t2.ci_high) == rescaled(4.0, 4)
+    assert score.value == 6.5 and score.n == 8 and (score.ci_low, score.ci_high) == rescaled(6.5, 8)
     assert s["judge"]["kind"] == "openai-compatible" and s["judge"]["model"] == "mock-judge"
     assert s["judge"]["base_url"] == server.base_url and "judge: openai-compatible mock-judge" in result.notes
 

@@ -115,3 +115,28 @@ def failed_run(run_dir: Path) -> Path:
         "agent": "trainer", "task": "t-train", "reason": "out of memory after 3 attempts"}})
     w.close()
     return Path(run_dir)
+
+
+def interrupted_run(run_dir: Path) -> Path:
+    """data succeeds; training is at step 2 of 10 when Ctrl-C stops the run at t=6: the runner closes the train
+    stage as interrupted (wall 3.0 s from its start at t=3) and finishes the run; the agents' last beats, logged
+    as they stop, come after the end."""
+    w = Writer(run_dir, run_id="run-interrupted")
+    start(w)
+    stage(w, 1.0, "data", "data", 1.0)
+    w.emit(3.0, "stage.started.v1", "coordinator", {"stage": "train", "task_id": "t-train", "agent": "trainer"})
+    w.emit(3.01, "task.assigned.v1", "coordinator", {"task_id": "t-train", "stage": "train", "params": {}},
+           target="trainer")
+    for i in range(2):
+        w.heartbeat(4.0 + i, "trainer", "busy", "t-train", "train", i + 1, 10)
+        w.emit(4.1 + i, "train.metrics.v1", "trainer", {"method": "sft", "step": i + 1, "total_steps": 10,
+                                                        "metrics": {"loss": LOSS[i]}})
+    reason = "interrupted by the user (Ctrl-C) while trainer (t-train) was busy"
+    w.emit(6.0, "stage.completed.v1", "runner", {"stage": "train", "task_id": "t-train", "status": "interrupted",
+                                                 "wall_s": 3.0, "reason": reason})
+    w.emit(6.0, "run.finished.v1", "runner", {"status": "failed", "interrupted": "SIGINT",
+                                              "error": {"agent": "runner", "task": None, "reason": reason}})
+    w.heartbeat(6.1, "coordinator", "stopped")
+    w.heartbeat(6.1, "trainer", "stopped", None, "train", 2, 10)
+    w.close()
+    return Path(run_dir)

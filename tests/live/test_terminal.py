@@ -169,3 +169,79 @@ def test_choose_mode():
     assert choose_mode(quiet=False, plain=False, stream=_Stream(True)) == "rich"
     assert choose_mode(quiet=False, plain=False, stream=_Stream(False)) == "plain"
     assert choose_mode(quiet=False, plain=False, stream=io.StringIO()) == "plain"
+
+
+def test_finish_drains_what_the_loop_had_not_read_before_the_closing_line(tmp_path):
+    """A Ctrl-C breaks the loop at some step; events logged after its last poll (the trainer kept going until it
+    was stopped) must still be printed, in order, before the closing line."""
+    w = Writer(tmp_path / "r")
+    start(w)
+    c = Console(file=io.StringIO(), width=200)
+    view = LiveView(tmp_path / "r", "plain", console=c)
+    view.poll()  # the loop's last read
+    for step in (13, 14, 15):
+        w.emit(1.0 + step / 100, "train.metrics.v1", "trainer", {"method": "sft", "step": step, "total_steps": 20,
+                                                                 "metrics": {"loss": 1.0}})
+    w.emit(1.5, "run.finished.v1", "runner", {"status": "failed", "interrupted": "SIGINT", "error": {
+        "agent": "runner", "task": None, "reason": "interrupted by the user (Ctrl-C)"}})
+    w.close()
+    view.finish()
+    lines = text_of(c).splitlines()
+    assert [line.split("  ")[-2] for line in lines if "train.metrics.v1" in line] == [
+        "step=13/20", "step=14/20", "step=15/20"]
+    assert lines[-2].startswith("[  1.5s] run.finished.v1  runner -> *  status=failed  error=runner: interrupted")
+    assert lines[-1] == f"run {RUN_ID} failed after 1.5s"
+
+
+def test_rich_loop_ends_with_one_final_frame_of_the_drained_log(tmp_path):
+    w = Writer(tmp_path / "r")
+    start(w)
+    stop = threading.Event()
+    stop.set()
+    c = console()
+    view = LiveView(tmp_path / "r", "rich", console=c, refresh_s=0.05)
+    view.run_until_finished(stop_event=stop, final=False)
+    w.emit(2.0, "stage.started.v1", "coordinator", {"stage": "data", "task_id": "t", "agent": "data"})
+    w.emit(3.0, "run.finished.v1", "coordinator", {"status": "succeeded"})
+    w.close()
+    before = len(text_of(c))
+    view.finish()
+    final = text_of(c)[before:]
+    assert "SUCCEEDED" in final and "run.finished.v1" in final and final.count("message flow") == 1
+
+
+def _agent_rows(out):
+    return {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:-1]]
+            for line in out.splitlines() if line.count("│") >= 7 and line.split("│")[1].strip()
+            in ("coordinator", "data", "trainer")}
+
+
+def test_a_finished_run_shows_the_agents_final_states_and_no_heartbeat_age(tmp_path):
+    """`watch` on a finished run: the last beats were logged as the agents stopped, after the run's end, which
+    read as "beat -0.1s ago"; the watchdog logs only changes, so every health read "unknown"."""
+    from runlogs import interrupted_run
+
+    c = Console(file=io.StringIO(), width=160)
+    view = LiveView(interrupted_run(tmp_path / "i"), "rich", console=c)
+    view.poll()
+    c.print(view.render())
+    out = text_of(c)
+    rows = _agent_rows(out)
+    assert rows["coordinator"] == ["stopped", "-", "", "", "-"]
+    assert rows["trainer"] == ["stopped", "-", "train", "train ██░░░░░░░░ 2/10", "-"]  # where it stopped
+    assert "ago" not in out and "unknown" not in out
+    assert "■ train 3.0s" in out and "FAILED" in out
+
+
+def test_a_running_runs_beat_age_is_never_negative(tmp_path):
+    w = Writer(tmp_path / "r")
+    start(w)
+    w.heartbeat(2.0, "trainer", "busy", "t-train", "train", 1, 10)
+    w.close()
+    c = Console(file=io.StringIO(), width=160)
+    view = LiveView(tmp_path / "r", "rich", console=c)
+    view.poll()
+    c.print(view.render(now=view.state.started_at + 1.9))  # a beat stamped a hair after the reader's clock
+    rows = _agent_rows(text_of(c))
+    assert rows["trainer"][4] == "0.0s ago" and rows["coordinator"][4] == "1.4s ago"
+    assert rows["trainer"][1] == "unknown"  # a live run's health stays what the log says (nothing yet)

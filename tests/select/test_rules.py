@@ -42,3 +42,22 @@ def test_explicit_method_wins_and_a_kind_mismatch_is_refused_early():
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown method"):
         select_method("preference", 10, 10, Machine(GIB, 0, 0), explicit="magic")
+
+
+@pytest.mark.parametrize("kind", ["verifiable", "preference", "unpaired", "sft"])
+@pytest.mark.parametrize("ram", [24 * GIB, 18 * 10**9])
+def test_a_runner_up_is_always_a_method_that_runs_on_the_data(kind, ram):
+    """The report names the runner-up: it must be a method `method:` accepts and that trains on this data kind
+    (GRPO's runner-up was 'ppo', which posttrain does not have)."""
+    from posttrain.config import RunConfig
+    from posttrain.select.rules import METHOD_KINDS
+
+    choice = select_method(kind, 1000, 10**9, Machine(ram_bytes=ram, cuda_devices=0, gpu_bytes=0))
+    if choice.runner_up is not None:
+        assert kind in METHOD_KINDS[choice.runner_up] and choice.runner_up != choice.method
+        assert RunConfig(method=choice.runner_up).method == choice.runner_up
+    expected = {"verifiable": None, "preference": "simpo" if ram == 24 * GIB else "orpo", "unpaired": None,
+                "sft": None}
+    assert choice.runner_up == expected[kind]
+    if kind == "verifiable":
+        assert "no runner-up" in choice.rationale

@@ -32,6 +32,7 @@ class RunStarted(Payload):
 class RunFinished(Payload):
     status: Literal["succeeded", "failed"]
     error: ErrorInfo | None = None
+    interrupted: Literal["SIGINT", "SIGTERM"] | None = None  # set when the run was stopped from outside (Ctrl-C)
 
 
 class StageStarted(Payload):
@@ -44,7 +45,8 @@ class StageStarted(Payload):
 class StageCompleted(Payload):
     stage: str
     task_id: str
-    status: Literal["succeeded", "failed", "skipped", "rejected"]  # rejected: measured, but the gate said no
+    # rejected: measured, but the gate said no; interrupted: the run was stopped (Ctrl-C, SIGTERM) mid-stage
+    status: Literal["succeeded", "failed", "skipped", "rejected", "interrupted"]
     wall_s: float
     reason: str | None = None
     attempt: int = 1

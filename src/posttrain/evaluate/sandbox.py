@@ -236,6 +236,12 @@ def isolation_summary() -> dict[str, Any]:
             "pids_cgroup_available": _CGROUP_PARENT is not None, "running_as_root": os.geteuid() == 0}
 
 
+# What each value of `isolation["namespaces"]` means, for messages read by people.
+NAMESPACES_IN_WORDS = {"namespaces": "user, network, pid and mount namespaces",
+                       "user+net": "user and network namespaces only",
+                       "none": "no namespaces, as unshare does not work here, so Python-level guards only"}
+
+
 def _make_cgroup(limit: int) -> Path | None:
     if _CGROUP_PARENT is None:
         return None

@@ -1,9 +1,22 @@
 """Confidence intervals for benchmark metrics: every reported number comes with n and a 95% interval.
 
-Guarantees: proportions (accuracy, exact match, pass@1 with one sample) use the Wilson score interval, which stays
-inside [0, 1] and is defined for 0 and n successes; means of bounded per-item scores (mc2, pass@k, MT-Bench ratings)
-use the normal approximation with the sample standard deviation (n − 1), clipped to the score's range. With fewer
-than two items a mean has no interval: both bounds are None, never a made-up width.
+Guarantees:
+- Proportions (accuracy, exact match, greedy pass@1, win rate) use the Wilson score interval, which stays inside
+  [0, 1], is exact at the ends (the bound is 0 when none and 1 when all succeeded) and never has zero width for
+  n >= 1: 0 of 3 gives [0, 0.561], not [0, 0].
+- Means of bounded per-item scores (sampled pass@k, mc2, MT-Bench ratings: anything with a known range [low, high])
+  use the Wilson interval of the mean rescaled to [0, 1], with the n items as the count: `wilson(n * m, n)` for
+  m = mean((v - low) / (high - low)), mapped back to [low, high]. Why: a score in [0, 1] with mean m has variance at
+  most m(1 - m) (Bhatia–Davis; equality only when every item is 0 or 1), and the Wilson interval is the score
+  interval for exactly that worst-case variance. So it is conservative — never narrower than the interval the
+  true per-item variance would give — and it does not collapse when the sample happens to show no spread (three
+  problems that each passed one of two samples, a judge that rated every answer 9): a sample variance of zero
+  from a handful of items is no evidence of certainty. When every item is at an end of the range it is exactly
+  the proportion's Wilson interval. The price is width: for many items with little spread it is wider than the
+  usual standard-error interval, which is the side we choose to err on.
+- Means without a known range use the normal approximation with the sample standard deviation (n − 1), clipped to
+  a bound when one is given. Such a mean has no interval (both bounds None, never a made-up or zero width) when
+  there are fewer than two items or the sample variance is zero.
 """
 
 from __future__ import annotations
@@ -29,17 +42,35 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float | N
 
 def mean_interval(values: Sequence[float], low: float | None = None, high: float | None = None,
                   z: float = Z95) -> tuple[float, float | None, float | None]:
-    """(mean, ci_low, ci_high); the bounds are clipped to [low, high] when given."""
+    """(mean, ci_low, ci_high). With both `low` and `high` (the score's range) the bounded-mean Wilson interval,
+    else the normal interval clipped to the one bound given; see the module docstring."""
     n = len(values)
     if n == 0:
         raise ValueError("no values to average")
     mean = sum(values) / n
+    if low is not None and high is not None:
+        return (mean, *_bounded_mean_interval(values, low, high, z))
     if n < 2:
         return mean, None, None
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    if sd == 0.0:
+        return mean, None, None
     lo, hi = mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n)
     if low is not None:
         lo = max(low, lo)
     if high is not None:
         hi = min(high, hi)
     return mean, lo, hi
+
+
+def _bounded_mean_interval(values: Sequence[float], low: float, high: float,
+                           z: float) -> tuple[float | None, float | None]:
+    if not high > low:
+        raise ValueError(f"a bounded mean needs low < high, got [{low}, {high}]")
+    outside = [v for v in values if not low <= v <= high]
+    if outside:
+        raise ValueError(f"values outside their range [{low}, {high}]: {outside[:3]}")
+    span = high - low
+    # Summed on the [0, 1] scale so that items at the ends add exact 0s and 1s: all-0/1 data is the proportion.
+    lo, hi = wilson_interval(sum((v - low) / span for v in values), len(values), z)
+    return low + span * lo, low + span * hi

@@ -46,6 +46,7 @@ class AgentView:
 class StageView:
     name: str                    # the stage, or `stage#k` for its attempt k > 1
     status: str = "running"      # running | succeeded | failed | skipped | rejected (measured; the gate said no)
+    #                              | interrupted (the run was stopped mid-stage)
     agent: str | None = None
     task_id: str | None = None
     started: float | None = None
@@ -171,6 +172,7 @@ class RunState:
         self.last_time: float | None = None
         self.status = "pending"                # pending | running | succeeded | failed
         self.error: dict[str, Any] | None = None
+        self.interrupted: str | None = None    # "SIGINT" | "SIGTERM" when the run was stopped from outside
         self.agents: dict[str, AgentView] = {}
         self.stages: dict[str, StageView] = {}  # insertion order is the order stages first appeared
         self.messages: deque[MessageView] = deque(maxlen=max_messages)
@@ -265,6 +267,7 @@ class RunState:
     def _on_run_finished_v1(self, source, target, t, d) -> None:
         self.status = d.get("status", "failed")
         self.finished_at = t
+        self.interrupted = d.get("interrupted")
         if d.get("error"):
             self.error = dict(d["error"])
         elif self.status == "failed" and self.failures:

@@ -9,7 +9,11 @@ Modes:
 
 Guarantees: the view only reads the log (read-only SQLite connection, never the writer's lock), so it can neither
 block nor alter the run; every event is folded exactly once (by seq) through `RunState`, the same fold the report
-uses; a log that does not exist yet reads as empty, so a view may start before the run does.
+uses; a log that does not exist yet reads as empty, so a view may start before the run does. `finish()` drains
+every event still unread before the last frame or line, so what the view shows at exit is the whole log (also
+after a Ctrl-C broke its loop). Text from the log (reasons, names, paths) is never parsed as rich markup. For a
+finished run the agents table shows each agent's last logged state and no heartbeat age (nothing is beating any
+more); a heartbeat age is never negative.
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ MODES = ("rich", "plain", "quiet")
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
 REFRESH_S = 0.25
 STATUS_STYLE = {"succeeded": "bold green", "failed": "bold red", "running": "bold yellow", "pending": "dim",
-                "skipped": "dim", "rejected": "bold magenta", "busy": "yellow", "idle": "green", "stopped": "dim",
-                "starting": "cyan",
+                "skipped": "dim", "rejected": "bold magenta", "interrupted": "bold red", "busy": "yellow",
+                "idle": "green", "stopped": "dim", "starting": "cyan",
                 "healthy": "green", "suspect": "yellow", "unhealthy": "bold red", "unknown": "dim"}
 
 
@@ -182,12 +186,13 @@ class LiveView:
             head.append("\nstages ")
             for stage in s.stages.values():
                 mark = {"succeeded": "✓", "failed": "✗", "skipped": "–", "running": "▶",
-                        "rejected": "↺"}.get(stage.status, "?")
+                        "rejected": "↺", "interrupted": "■"}.get(stage.status, "?")
                 wall = f" {stage.wall_s:.1f}s" if stage.wall_s is not None else ""
                 head.append(f"{mark} {stage.name}{wall}  ", style=STATUS_STYLE.get(stage.status, ""))
         return Panel(head, border_style="blue")
 
     def _agents(self, now: float) -> Table:
+        finished = self.state.finished
         table = Table(title="agents", expand=True, title_justify="left")
         for col in ("agent", "state", "health", "task", "progress", "beat"):
             table.add_column(col, no_wrap=True, overflow="ellipsis")
@@ -198,8 +203,14 @@ class LiveView:
             progress = _bar(agent.step, agent.total)
             if agent.stage and progress:
                 progress = f"{agent.stage} {progress}"
-            beat = f"{now - agent.last_heartbeat:.1f}s ago" if agent.last_heartbeat is not None else "-"
-            health = _styled(agent.health)
+            # A finished run beats no more: its agents' last beats (some logged as they stopped, after the end)
+            # have no age worth showing. A live run's beat can be stamped a hair after `now`: never "-0.1s ago".
+            beat = ("-" if finished or agent.last_heartbeat is None
+                    else f"{max(0.0, now - agent.last_heartbeat):.1f}s ago")
+            if finished and agent.health == "unknown":
+                health = Text("-")  # the watchdog only logs changes; after the run there is nothing left to judge
+            else:
+                health = _styled(agent.health)
             if agent.health not in ("healthy", "unknown") and agent.health_reason:
                 health.append(f" {agent.health_reason}")
             table.add_row(Text(agent.name), _styled(agent.state), health, Text(task), progress, beat)
@@ -255,9 +266,10 @@ class LiveView:
     # -- loop -------------------------------------------------------------------------------------------------
 
     def run_until_finished(self, stop_event: threading.Event | None = None,
-                           timeout_s: float | None = None) -> bool:
-        """Poll and render until the run finishes, `stop_event` is set or `timeout_s` passes; then render a
-        final frame. Returns True when ``run.finished.v1`` was read."""
+                           timeout_s: float | None = None, *, final: bool = True) -> bool:
+        """Poll and render until the run finishes, `stop_event` is set or `timeout_s` passes; then, unless `final`
+        is False (the caller calls `finish()` itself, once the writer is done), drain and show the last frame.
+        Returns True when ``run.finished.v1`` was read."""
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
 
         def should_stop() -> bool:
@@ -272,23 +284,32 @@ class LiveView:
                 time.sleep(self.refresh_s)
 
         if self.mode == "rich":
-            with Live(self.render(), console=self.console, auto_refresh=False, transient=False) as live:
+            # Transient: the moving frame is erased when the loop ends (or a Ctrl-C breaks it), and `finish()`
+            # prints the final one once, from the fully drained log.
+            with Live(self.render(), console=self.console, auto_refresh=False, transient=True) as live:
                 while True:
                     self.poll()
                     live.update(self.render(), refresh=True)
                     if should_stop():
                         break
                     wait()
-                self.poll()  # events logged between the last poll and the stop still belong in the final frame
-                live.update(self.render(), refresh=True)
         else:
             while True:
                 self.poll()
                 if should_stop():
                     break
                 wait()
-            self.poll()
-            if self.mode == "plain":
-                s = self.state
-                self._print(f"run {s.run_id or '?'} {s.status} after {s.elapsed(self._now()):.1f}s")
+        if final:
+            self.finish()
         return self.state.finished
+
+    def finish(self) -> None:
+        """Drain every event the log holds that was not read yet (plain: printed, in order), then show the final
+        frame (rich) or the closing line (plain). Call it once, after the loop, when the writer is done."""
+        while self.poll():
+            pass  # poll reads in batches; stop only when nothing new is left
+        if self.mode == "rich":
+            self.console.print(self.render())
+        elif self.mode == "plain":
+            s = self.state
+            self._print(f"run {s.run_id or '?'} {s.status} after {s.elapsed(self._now()):.1f}s")

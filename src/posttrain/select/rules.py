@@ -2,8 +2,10 @@
 
 Guarantees: an explicit method wins (and the rationale says it was explicit); one that cannot train on the data
 kind is refused; otherwise the choice follows the data kind: prompts with a verifier -> GRPO, preference pairs ->
-DPO (SimPO when the machine cannot hold DPO's reference copy), unpaired labels -> KTO, demonstrations -> SFT. Every number in the rationale is measured (rows, parameter count, memory) or computed
-from them; nothing is invented.
+DPO (SimPO when the machine cannot hold DPO's reference copy), unpaired labels -> KTO, demonstrations -> SFT. The
+runner-up, when there is one, is a method posttrain runs (`METHOD_KINDS`, what `method:` accepts) on this data kind;
+none is named where no other method fits. Every number in the rationale is measured (rows, parameter count, memory)
+or computed from them; nothing is invented.
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def select_method(kind: str, rows: int, num_params: int, machine: Machine, expli
                                  "verifier's reward directly, with a group baseline instead of a value network and "
                                  f"no reward model (weights, gradients and AdamW state: about "
                                  f"{training_bytes(num_params, False) / 2**20:.1f} MiB of {budget / 2**30:.1f} GiB "
-                                 f"{where}; activations not counted).", "ppo", False)
+                                 f"{where}; activations not counted). No other method here trains on prompts with a "
+                                 "verifier, so there is no runner-up.", None, False)
     if kind == "preference":
         with_ref = training_bytes(num_params, not lora)
         if with_ref <= budget:

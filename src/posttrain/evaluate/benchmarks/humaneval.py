@@ -31,7 +31,7 @@ from typing import Any
 from ..generation import generate_until
 from ..harness import BenchmarkUnavailable
 from ..loglikelihood import load_hub_split, prompt_fields
-from ..sandbox import SandboxLimits, isolation_summary, run_programs
+from ..sandbox import NAMESPACES_IN_WORDS, SandboxLimits, isolation_summary, run_programs
 from .base import BenchmarkResult, EvalContext, Metric, context_budget, subsample
 
 CODEX_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -93,8 +93,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def _refuse() -> CodeExecutionNotAllowed:
     return CodeExecutionNotAllowed(
         "humaneval executes model-written code; it runs only with the explicit opt-in --allow-code-execution "
-        "(options allow_code_execution=True). The code then runs in a sandboxed child process (resource limits, "
-        f"timeout, namespaces: {isolation_summary()['namespaces']}), never in this process")
+        "(options allow_code_execution=True). The code then runs in a sandboxed child process (resource limits, a "
+        f"timeout; isolation: {NAMESPACES_IN_WORDS[isolation_summary()['namespaces']]}), never in this process")
 
 
 def run_humaneval(ctx: EvalContext) -> BenchmarkResult:
