@@ -81,13 +81,18 @@ def execute(config: RunConfig, *, view: str = "plain", console: Console | None =
         # progress watchdog, and the user should see it happen.
         from .models.embedded import cache_root, embedded_dir_name, embedded_model_dir, is_built
 
+        build_log = None
         if not is_built(cache_root() / embedded_dir_name()):
+            notice = console or Console(stderr=True)
             # Text, not a markup string: "[posttrain]" would be read as a style tag and vanish.
-            (console or Console(stderr=True)).print(Text(
-                f"[posttrain] building the embedded model once (cached under {cache_root()}): about a minute on an "
-                "idle 2-core CPU, several minutes on a busy one"), highlight=False, soft_wrap=True)
+            notice.print(Text(
+                f"[posttrain] building the embedded model once (cached under {cache_root()}): about two minutes "
+                "on an idle 2-core CPU (1,000 SFT steps), longer on a busy one"), highlight=False, soft_wrap=True)
+            if view != "quiet":  # progress lines (every 10% of the SFT steps), so a long first build is visibly alive
+                build_log = lambda msg: notice.print(Text(f"[posttrain] embedded: {msg}"),  # noqa: E731
+                                                     highlight=False, soft_wrap=True)
         try:
-            embedded_model_dir()
+            embedded_model_dir(log=build_log)
         except KeyboardInterrupt as exc:
             what = "terminated (SIGTERM)" if exc.args and exc.args[0] == "SIGTERM" else "interrupted (Ctrl-C)"
             print(f"posttrain: the embedded model build was {what}; nothing was cached, the next run builds it "

@@ -107,3 +107,21 @@ def test_ctrl_c_during_the_embedded_build_says_so_and_caches_nothing(tmp_path, m
     assert not embedded.is_built(target) and not target.exists()
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [f".{target.name}.lock"]  # the lock only
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("flag,shown", [("--plain", True), ("--quiet", False)])
+def test_the_embedded_build_reports_progress_unless_quiet(tmp_path, monkeypatch, capsys, flag, shown):
+    """A first build takes minutes: its progress lines reach the terminal (not in --quiet)."""
+    from posttrain.cli import main
+    from posttrain.models import embedded
+
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+
+    def stopped_after_progress(out, seed, log):
+        log("sft step 100/1000 loss 1.2345")
+        raise KeyboardInterrupt  # ends the command here: the rest of the build is not what this test is about
+
+    monkeypatch.setattr(embedded, "_build_into", stopped_after_progress)
+    assert main(["demo", flag, "--runs_dir", str(tmp_path / "runs")]) == 130
+    out = capsys.readouterr().out
+    assert ("[posttrain] embedded: sft step 100/1000 loss 1.2345" in out.splitlines()) is shown
