@@ -41,7 +41,8 @@ def test_report_of_a_successful_run(tmp_path):
                                 "base_size_bytes": 4000, "ratio": 0.25, "perplexity": None,
                                 "base_perplexity": None, "top1_agreement": None, "tokens_per_s": None,
                                 "load_seconds": None, "runtime": None, "positions": None, "scored_on": None,
-                                "scored_rows": None, "max_new_tokens": None, "details": None, "rejected": []}
+                                "scored_rows": None, "max_new_tokens": None, "details": None, "reward": None,
+                                "rejected": []}
     assert r["wall_s"] == 20.0 and r["started_at"] == runlogs.T0
     assert len(r["evals"]) == 3
 

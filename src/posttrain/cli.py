@@ -214,9 +214,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_compress(args: argparse.Namespace) -> int:
     import json
 
-    from .compress.api import compress, parse_method
+    from .compress.api import check_supported, compress, parse_method
 
     method = parse_method(args.method)  # an unknown method is refused before any data or model is read
+    try:
+        check_supported(args.method, args.model)  # e.g. a reward model takes int8_rtn only
+    except NotImplementedError as exc:  # says what is supported
+        print(f"posttrain: {exc}", file=sys.stderr)
+        return 2
     if method.family == "gguf":
         from .compress.gguf_export import LLAMA_CPP_TYPES, find_llama_quantizer
 
@@ -248,9 +253,16 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         options["group_size"] = args.group_size
     if args.steps:
         options["train"] = {"steps": args.steps}
-    result = compress(args.model, args.method, args.out, rows[:-8], heldout=rows[-8:], options=options)
+    try:
+        result = compress(args.model, args.method, args.out, rows[:-8], heldout=rows[-8:], options=options)
+    except NotImplementedError as exc:  # a model this method does not handle (e.g. an architecture GGUF lacks)
+        print(f"posttrain: {exc}", file=sys.stderr)
+        return 2
+    for note in result["notes"]:
+        print(f"posttrain: note: {note}", file=sys.stderr)
     print(json.dumps({k: result[k] for k in ("method", "artifact", "size_bytes", "base_size_bytes", "perplexity",
-                                             "base_perplexity", "top1_agreement", "tokens_per_s", "seconds")}))
+                                             "base_perplexity", "top1_agreement", "tokens_per_s", "seconds")}
+                     | ({"reward": result["reward"]} if result["reward"] else {})))
     print(Path(args.out) / "compression.json", flush=True)
     return 0
 

@@ -20,7 +20,9 @@ min, max, nonfinite}}}, compression {method, path, reload_ok, size_bytes, base_s
 perplexity, base_perplexity, top1_agreement, tokens_per_s, load_seconds, runtime, positions, scored_on
 (what the held-out positions are: completions | aligned_greedy_completions | mixed), scored_rows {source: rows},
 max_new_tokens (cap of the aligned model's greedy completions) (each null when not measured),
-details (the method's own record, e.g. implementation; null when none), rejected [{method, reason}] (by the
+details (the method's own record, e.g. implementation; null when none), reward (a reward model's score agreement
+on held-out pairs: pairs, pairwise_accuracy, base_pairwise_accuracy, preference_agreement, mean_abs_score_diff,
+max_abs_score_diff; null otherwise), rejected [{method, reason}] (by the
 compressor's own gate)} or null, gate_rejections [{method, path, attempt, failures [{metric, before, after,
 before_value, before_n, after_value, after_n, drop, allowed, text}], next_method (null: none left), reason}] (the
 evaluation gate's verdicts on compressed models, in order), evals (every eval result), started_at, wall_s.
@@ -107,7 +109,7 @@ def build_report(run_dir: str | Path, state: RunState | None = None) -> dict[str
                        "ratio": comp["size_bytes"] / base if base else None,
                        **{k: comp.get(k) for k in ("perplexity", "base_perplexity", "top1_agreement", "tokens_per_s",
                                                    "load_seconds", "runtime", "positions", "scored_on",
-                                                   "scored_rows", "max_new_tokens", "details")},
+                                                   "scored_rows", "max_new_tokens", "details", "reward")},
                        "rejected": [{"method": c.get("method"), "reason": c.get("reason")}
                                     for c in state.compress if not c.get("accepted", True)]}
     method = state.method or {}
@@ -209,12 +211,21 @@ def render_markdown(report: dict[str, Any]) -> str:
         impl = (c.get("details") or {}).get("implementation")
         lines += ["", f"Compression: {c['method']}{ratio}{f' ({impl})' if impl else ''}, "
                       f"reloaded: {'yes' if c['reload_ok'] else 'NO'}"]
+        types = (c.get("details") or {}).get("tensor_types")
+        if types:  # what a GGUF file really holds (llama.cpp substitutes types for short rows)
+            lines.append("Tensor types in the file: " + ", ".join(f"{t} {n}" for t, n in types.items()))
         if c.get("top1_agreement") is not None:
             lines += [f"Against the aligned model on held-out rows: top-1 agreement {c['top1_agreement']:.4f}, "
                       f"perplexity {c['perplexity']:.4g} vs {c['base_perplexity']:.4g}; {c['tokens_per_s']:.1f} "
                       f"tokens/s with {c['runtime']}, loaded in {c['load_seconds']:.2f} s"]
             if c.get("scored_on") is not None:
                 lines.append(f"Scored on: {_scored_on(c)}")
+        elif c.get("reward"):
+            w = c["reward"]
+            lines += [f"Against the aligned reward model on {w['pairs']} held-out pairs: preference agreement "
+                      f"{w['preference_agreement']:.4f}, pairwise accuracy {w['pairwise_accuracy']:.4f} vs "
+                      f"{w['base_pairwise_accuracy']:.4f}, score difference mean {w['mean_abs_score_diff']:.4g} / "
+                      f"max {w['max_abs_score_diff']:.4g}; loaded in {c['load_seconds']:.2f} s with {c['runtime']}"]
         for rej in c.get("rejected") or []:
             lines.append(f"Rejected by the gate: {rej['method']}: {rej['reason']}")
     for g in r.get("gate_rejections") or []:

@@ -16,10 +16,11 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
+from conftest import make_tiny_llama  # tests/ is on sys.path (pytest puts the conftest directory there)
 from test_gguf import CORPUS, TEXTS, build
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from posttrain.align.engine import TrainOptions
+from posttrain.align.engine import TrainOptions, save_pretrained
 from posttrain.align.sft import train_sft
 from posttrain.compress.gguf_export import FILE_TYPES, LLAMA_CPP_TYPES, export_gguf, find_llama_quantizer
 from posttrain.compress.llama_quantize import (LIBRARY_ENV, QuantizeParams, find_libllama, node_llama_cpp_prefix,
@@ -351,4 +352,48 @@ def test_cli_k_quant_uses_node_llama_cpp_libllama(capsys, monkeypatch, tmp_path,
     assert Path(report["details"]["quantizer"]["path"]).name.startswith("libllama")
     assert gguf.GGUFReader(artifact).fields["general.file_type"].contents() == FILE_TYPES["Q4_K_M"]
     assert tensor_types(artifact)["blk.0.ffn_up.weight"] == "Q4_K"
+    # At hidden 256 every row fits the K-quant super-blocks: nothing fell back, and nothing is noted.
+    assert report["details"]["tensor_types"] == {"F32": 5, "Q4_K": 12, "Q6_K": 3}
+    assert "fallback" not in report["details"] and report["notes"] == []
     assert sorted(p.name for p in artifact.parent.iterdir() if p.suffix == ".gguf") == ["model-q4_k_m.gguf"]
+
+
+def kquant_rows(n: int) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": a.split(".")[0]}],
+             "completion": [{"role": "assistant", "content": a}]} for a in (ANSWERS * n)[:n]]
+
+
+@pytest.mark.parametrize("hidden", [64, 128])
+def test_compression_records_the_tensor_types_and_the_k_quant_fallbacks(tiny_tokenizer, tmp_path, monkeypatch,
+                                                                        hidden):
+    """A Q4_K_M of a model whose rows are shorter than 256 is mostly not K-quants: compression.json counts the
+    file's tensors per type (read back here with gguf's reader) and says which fell back and why, in a note.
+    Random tiny Llamas (untied output): at hidden 128 the FFN has 256 inputs, so ffn_down alone fits the 256-value
+    super-blocks (llama.cpp's mix: Q4_K, and Q6_K in the last layer); at hidden 64 no row does."""
+    from posttrain.compress.api import compress
+
+    monkeypatch.setenv(LIBRARY_ENV, str(require_libllama()))
+    src = save_pretrained(make_tiny_llama(tiny_tokenizer, hidden=hidden), tiny_tokenizer, tmp_path / "src")
+    rows = kquant_rows(24)
+    report = compress(str(src), "gguf:q4_k_m", tmp_path / "out", rows[:16], heldout=rows[16:])
+    artifact = Path(report["artifact"])
+    types = tensor_types(artifact)
+    counts = {t: list(types.values()).count(t) for t in sorted(set(types.values()))}
+    assert report["details"]["tensor_types"] == counts == {
+        64: {"F32": 5, "Q5_0": 13, "Q8_0": 3}, 128: {"F32": 5, "Q4_K": 1, "Q5_0": 12, "Q6_K": 1, "Q8_0": 2}}[hidden]
+    k_quants = {n: t for n, t in types.items() if t.endswith("_K")}
+    assert k_quants == ({"blk.0.ffn_down.weight": "Q4_K", "blk.1.ffn_down.weight": "Q6_K"} if hidden == 128 else {})
+    matrices = sum(not n.endswith("norm.weight") for n in types)  # token_embd, output and 7 per layer
+    assert matrices == 16 and counts["F32"] == 5
+    fell = {n: t for n, t in types.items() if not n.endswith("norm.weight") and n not in k_quants}
+    written = {t: list(fell.values()).count(t) for t in sorted(set(fell.values()))}
+    assert set(written) == {"Q5_0", "Q8_0"}  # llama.cpp's 32-value stand-ins for Q4_K and Q6_K
+    rows_of = {64: [64, 128], 128: [128]}[hidden]  # hidden 64: ffn_down rows are 128 values long
+    note = (f"Q4_K_M: {len(fell)} of 16 weight matrices were not written as K-quants ("
+            + ", ".join(f"{n} at {t}" for t, n in written.items())
+            + f"): their rows ({', '.join(map(str, rows_of))} values) are not a multiple of the 256-value K-quant "
+              "block")
+    assert report["details"]["fallback"] == {"tensors": len(fell), "of": 16, "types": written, "row_sizes": rows_of,
+                                             "block": 256, "short_rows": len(fell), "note": note}
+    assert report["notes"] == [note]
+    assert len(fell) == {64: 16, 128: 14}[hidden]

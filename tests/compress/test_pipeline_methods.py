@@ -311,3 +311,54 @@ def test_compress_refuses_bad_options_before_writing_anything(tmp_path):
     with pytest.raises(ValueError, match="compress.options: unknown key 'stepz'"):
         compress("embedded", "distill:logit", tmp_path / "out", [], options={"stepz": 2})
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------- reward models
+
+@pytest.mark.slow
+def test_the_pipeline_compresses_a_reward_model_and_measures_it_on_pairs(tmp_path, capsys):
+    """`posttrain demo --method rm` (int8_rtn by default): the artifact reloads as a reward model, the compressor's
+    measurement is its scores on the held-out pairs (re-measured here), perplexity / top-1 / tokens/s are null with
+    a note, a top-1 gate that cannot apply says so, and the evaluator measures the compressed reward model."""
+    from posttrain.align.reward_model import load_reward_model
+    from posttrain.compress.int8 import load_int8
+    from posttrain.compress.measure import NOT_FOR_REWARD_MODELS, compare_reward_models, pair_targets
+
+    code, run_dir, report = run_demo(tmp_path, capsys, "--method", "rm", "--compress.min_top1_agreement", "0.9")
+    assert code == 0 and report["status"] == "succeeded", report.get("error")
+    c = report["compression"]
+    assert c["method"] == "int8_rtn" and c["rejected"] == [] and c["reload_ok"] is True
+    assert {k: c[k] for k in ("perplexity", "base_perplexity", "top1_agreement", "tokens_per_s", "positions")} == \
+        dict.fromkeys(("perplexity", "base_perplexity", "top1_agreement", "tokens_per_s", "positions"))
+    assert (c["scored_on"], c["scored_rows"]) == ("preference_pairs", {"pair": 16})
+    aligned_dir = run_dir / "checkpoints" / "rm" / "final"
+    heldout = read_jsonl(run_dir / "artifacts" / "data" / "eval.jsonl", limit=16)  # the compressor's 16 rows
+    targets = pair_targets(load_tokenizer(str(aligned_dir)), heldout)
+    assert c["reward"] == compare_reward_models(load_reward_model(str(aligned_dir)).eval(), load_int8(c["path"]),
+                                                targets)
+    (event,) = events(run_dir, "compress.result.v1")
+    assert event["reward"] == c["reward"] and event["accepted"] is True
+    notes = [n["text"] for n in report["notes"] if n["source"] == "compressor"]
+    assert notes == [f"int8_rtn: {NOT_FOR_REWARD_MODELS}",
+                     "int8_rtn: compress.min_top1_agreement not applied: the artifact has no such measure; "
+                     "evaluate.gate still checks the compressed model"]
+    for model in ("aligned", "compressed"):
+        assert report["accuracy"][model]["metric"] == "reward_accuracy" and report["accuracy"][model]["n"] == 8
+    md = (run_dir / "report.md").read_text()
+    w = c["reward"]
+    assert (f"Against the aligned reward model on 16 held-out pairs: preference agreement "
+            f"{w['preference_agreement']:.4f}, pairwise accuracy {w['pairwise_accuracy']:.4f} vs "
+            f"{w['base_pairwise_accuracy']:.4f}") in md
+
+
+def test_gates_whose_measure_does_not_apply_are_not_checked():
+    from posttrain.agents.compressor import gate_verdict, gates_not_applied
+
+    reward_model = {"top1_agreement": None, "positions": None, "perplexity": None, "base_perplexity": None}
+    assert gate_verdict(reward_model, 0.99, 1.01) is None
+    assert gates_not_applied(reward_model, 0.99, 1.01) == ["compress.min_top1_agreement",
+                                                           "compress.max_perplexity_ratio"]
+    assert gates_not_applied(reward_model, None, None) == []
+    lm = {"top1_agreement": 0.9, "positions": 10, "perplexity": 3.0, "base_perplexity": 2.0}
+    assert gates_not_applied(lm, 0.99, 1.01) == []
+    assert gate_verdict(lm, None, 1.2) == "held-out perplexity 3 is 1.500x the aligned model's 2 (allowed 1.2x)"

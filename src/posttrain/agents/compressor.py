@@ -12,6 +12,12 @@ method, the exception and every attempt rejected before it (never retried: the s
 traceback of an unexpected exception goes to the log as an error note. Errors do not fall back: a fallback is a
 milder setting for a quality gate, not a way to hide a method that does not work.
 
+A reward model is measured on held-out preference pairs (`reward`: score agreement, pairwise accuracy of both); a
+gate whose measure does not apply to the artifact (top-1 agreement or perplexity of a reward model) is not applied,
+and a warning says so (`evaluate.gate` on the compressed model's reward accuracy still is). Every note the
+compression records (what was not measured, a method's fallbacks such as GGUF tensors llama.cpp wrote at another
+type) is published as a warning.
+
 The methods tried, in order, are `[compress.method, *compress.fallback]` unless the task names its own
 (`params.methods`: the coordinator's re-assignment after the evaluation gate rejected an artifact, the fallbacks not
 yet tried); the result's `tried` lists the methods this task ran, the accepted one last.
@@ -31,15 +37,24 @@ from .runtime import AgentContext, TaskError
 
 
 def gate_verdict(report: dict[str, Any], min_top1: float | None, max_ppl_ratio: float | None) -> str | None:
-    """None when the artifact passes; else the reason, with the numbers."""
-    if min_top1 is not None and report["top1_agreement"] < min_top1:
+    """None when the artifact passes; else the reason, with the numbers. A measure that is None (does not apply,
+    see `gates_not_applied`) is not checked."""
+    if min_top1 is not None and report["top1_agreement"] is not None and report["top1_agreement"] < min_top1:
         return (f"top-1 agreement {report['top1_agreement']:.4f} over {report['positions']} held-out positions is "
                 f"below the required {min_top1:g}")
-    ratio = report["perplexity"] / report["base_perplexity"]
-    if max_ppl_ratio is not None and ratio > max_ppl_ratio:
-        return (f"held-out perplexity {report['perplexity']:.4g} is {ratio:.3f}x the aligned model's "
-                f"{report['base_perplexity']:.4g} (allowed {max_ppl_ratio:g}x)")
+    if max_ppl_ratio is not None and report["perplexity"] is not None:
+        ratio = report["perplexity"] / report["base_perplexity"]
+        if ratio > max_ppl_ratio:
+            return (f"held-out perplexity {report['perplexity']:.4g} is {ratio:.3f}x the aligned model's "
+                    f"{report['base_perplexity']:.4g} (allowed {max_ppl_ratio:g}x)")
     return None
+
+
+def gates_not_applied(report: dict[str, Any], min_top1: float | None, max_ppl_ratio: float | None) -> list[str]:
+    """The configured gates whose measure the artifact's report does not have (None: it does not apply)."""
+    return [name for name, limit, key in (("compress.min_top1_agreement", min_top1, "top1_agreement"),
+                                          ("compress.max_perplexity_ratio", max_ppl_ratio, "perplexity"))
+            if limit is not None and report[key] is None]
 
 
 class CompressorAgent:
@@ -82,6 +97,13 @@ class CompressorAgent:
                 before = f" (rejected before it: {'; '.join(rejected)})" if rejected else ""
                 what = str(exc) if expected else f"{type(exc).__name__}: {exc}"
                 raise TaskError(f"{method} failed: {what}{before}") from exc
+            for note in report.get("notes") or []:
+                ctx.publish("run.note.v1", {"level": "warning", "text": f"{method}: {note}"})
+            unchecked = gates_not_applied(report, opts.min_top1_agreement, opts.max_perplexity_ratio)
+            if unchecked:
+                ctx.publish("run.note.v1", {"level": "warning", "text": (
+                    f"{method}: {' and '.join(unchecked)} not applied: the artifact has no such measure; "
+                    "evaluate.gate still checks the compressed model")})
             reason = gate_verdict(report, opts.min_top1_agreement, opts.max_perplexity_ratio)
             ctx.publish("compress.result.v1", {
                 "method": method, "path": report["artifact"], "size_bytes": report["size_bytes"],
@@ -91,7 +113,8 @@ class CompressorAgent:
                 "load_seconds": report["load_seconds"], "runtime": report["runtime"],
                 "positions": report["positions"], "scored_on": report["scored_on"],
                 "scored_rows": report["scored_rows"], "max_new_tokens": report["max_new_tokens"],
-                "details": report.get("details"), "accepted": reason is None, "reason": reason},
+                "details": report.get("details"), "reward": report.get("reward"), "accepted": reason is None,
+                "reason": reason},
                 dataref=report["artifact"])
             if reason is None:
                 ctx.progress("compress", len(methods), len(methods), "done")

@@ -171,6 +171,7 @@ class CompressResult(Payload):
     scored_rows: dict[str, int] | None = None  # rows scored per source
     max_new_tokens: int | None = None  # cap of the aligned model's greedy completions, when it made any
     details: dict[str, Any] | None = None  # the method's own record, e.g. {"implementation": "llm-compressor"}
+    reward: dict[str, Any] | None = None  # a reward model's score agreement on held-out pairs (compress.measure)
     accepted: bool = True  # False: the compression gate rejected it and a milder method was tried
     reason: str | None = None
 

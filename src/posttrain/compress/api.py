@@ -18,6 +18,15 @@ says which ran. Distillation trains on the calibration rows as `distill.as_disti
 rows (pairs: the chosen side; prompts without a completion, e.g. verifiable ones: the teacher's greedy completion)
 and `details.data` counts each source. Method options (`compress.options` in a run config) are validated by
 `parse_options`: an unknown key is refused naming it and the known ones.
+
+A reward model (a `*ForSequenceClassification` checkpoint) compresses with int8_rtn only (backbone linears int8,
+the score head in float, reloaded as a reward model) and is measured on held-out preference pairs: `reward` holds
+the score agreement, perplexity / top-1 agreement / tokens/s are null (`compress.measure`). Any other method on a
+reward model raises NotImplementedError naming what is supported, before anything is written (GGUF, llm-compressor,
+pruning and distillation all load and save causal LMs, which would drop the score head). `notes` in
+compression.json lists what was not measured and the method's warnings, e.g. GGUF tensors that llama.cpp wrote at
+another type than the one asked for (`details.tensor_types` counts the file's tensors per type, `details.fallback`
+says which fell back and why).
 """
 
 from __future__ import annotations
@@ -32,8 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..align.engine import TrainOptions, save_pretrained
 from ..data.tokenize import encode_completion, encode_prompt
-from ..models.loading import load_model, load_tokenizer, resolve_model_path
-from .measure import MAX_NEW_TOKENS, HeldoutTargets, heldout_targets, measure_artifact
+from ..models.loading import is_reward_model, load_model, load_tokenizer, resolve_model_path
+from .measure import MAX_NEW_TOKENS, HeldoutTargets, PairTargets, heldout_targets, measure_artifact, pair_targets
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 
@@ -184,6 +193,26 @@ def calibration_ids(tokenizer: Any, rows: Sequence[dict], max_length: int = 256)
     return out
 
 
+REWARD_MODEL_METHODS = ("int8_rtn",)  # the methods that keep a reward model's score head (see the docstring)
+
+
+def check_supported(method: str, model: str) -> None:
+    """Raise NotImplementedError, naming what is supported, when `method` (valid for `parse_method`) cannot
+    compress `model` (a path or 'embedded'): a reward model takes int8_rtn only."""
+    if parse_method(method).family != "int8" and is_reward_model(model):
+        raise NotImplementedError(f"{method} cannot compress the reward model {model} (a sequence-classification "
+                                  f"checkpoint); supported for reward models: {', '.join(REWARD_MODEL_METHODS)}")
+
+
+def _load_base(base_dir: str) -> Any:
+    """The uncompressed model as it runs: a reward model with its score head, else a causal LM."""
+    if is_reward_model(base_dir):
+        from ..align.reward_model import load_reward_model
+
+        return load_reward_model(base_dir).eval()
+    return load_model(base_dir)
+
+
 def _apply(method: Method, base_dir: str, out_dir: Path, rows: Sequence[dict], tokenizer: Any,
            options: MethodOptions) -> tuple[Path, Callable[[], Any], str, dict[str, Any]]:
     """Write the artifact; return (path, loader, runtime name, method details)."""
@@ -194,7 +223,7 @@ def _apply(method: Method, base_dir: str, out_dir: Path, rows: Sequence[dict], t
     if method.family == "int8":
         from .int8 import load_int8, quantize_model_to_dir
 
-        path = quantize_model_to_dir(load_model(base_dir), tokenizer, out_dir)
+        path = quantize_model_to_dir(_load_base(base_dir), tokenizer, out_dir)
         return path, lambda: load_int8(path), "transformers (int8 dequantized on the fly)", {}
     if method.family in ("gptq", "awq"):
         from . import llmc
@@ -204,7 +233,7 @@ def _apply(method: Method, base_dir: str, out_dir: Path, rows: Sequence[dict], t
         return Path(path), hf_loader(path), "transformers + compressed-tensors", {
             "group_size": options.group_size, "bits": 4}
     if method.family == "gguf":
-        from .gguf_export import LLAMA_CPP_TYPES, export_gguf, find_llama_quantizer
+        from .gguf_export import LLAMA_CPP_TYPES, export_gguf, find_llama_quantizer, tensor_types, type_fallbacks
         from .modelfile import write_modelfile
 
         gguf_details: dict[str, Any] = {}
@@ -216,6 +245,12 @@ def _apply(method: Method, base_dir: str, out_dir: Path, rows: Sequence[dict], t
         out_dir.mkdir(parents=True, exist_ok=True)
         path = export_gguf(base_dir, out_dir / f"model-{method.variant}.gguf", method.variant)
         gguf_details["modelfile"] = str(write_modelfile(path, tokenizer))
+        # What the file holds, read back: llama.cpp substitutes types for rows its blocks do not fit.
+        gguf_details["tensor_types"] = tensor_types(path)
+        fallback = type_fallbacks(path, method.variant)
+        if fallback is not None:
+            gguf_details["fallback"] = fallback
+            gguf_details["notes"] = [fallback["note"]]
         loader = lambda: AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)  # noqa: E731
         return path, loader, "transformers (GGUF dequantized to fp32)", gguf_details
     model = load_model(base_dir)
@@ -304,17 +339,21 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def measurement_targets(model: str, rows: Sequence[dict], max_new_tokens: int = MAX_NEW_TOKENS) -> HeldoutTargets:
+def measurement_targets(model: str, rows: Sequence[dict],
+                        max_new_tokens: int = MAX_NEW_TOKENS) -> HeldoutTargets | PairTargets:
     """The held-out targets every artifact of `model` is measured on (`measure.heldout_targets`; rows without a
     completion are completed greedily by `model` itself, once, so a caller measuring several artifacts of one
-    model builds them once and passes them to `compress`)."""
+    model builds them once and passes them to `compress`; a reward model's are its pairs, `measure.pair_targets`)."""
     base_dir = resolve_model_path(model)
+    if is_reward_model(base_dir):  # scored pairs, nothing generated (`measure.pair_targets`)
+        return pair_targets(load_tokenizer(model), rows)
     return heldout_targets(load_tokenizer(model), rows, model=load_model(base_dir), max_new_tokens=max_new_tokens)
 
 
 def compress(model: str, method: str, out_dir: str | Path, calibration: Sequence[dict], *,
              heldout: Sequence[dict] | None = None, options: dict[str, Any] | None = None,
-             targets: HeldoutTargets | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, Any]:
+             targets: HeldoutTargets | PairTargets | None = None,
+             max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, Any]:
     """Compress `model` (a path or 'embedded') with `method`; write and return the compression.json content.
 
     Measured on `targets` when given (`measurement_targets` of the same model), else on the `heldout` rows (or the
@@ -322,19 +361,22 @@ def compress(model: str, method: str, out_dir: str | Path, calibration: Sequence
     parsed = parse_method(method)
     parsed_options = parse_options(options)
     base_dir = resolve_model_path(model)
+    check_supported(method, base_dir)
     tokenizer = load_tokenizer(model)
     out_dir = Path(out_dir)
     started = time.perf_counter()
     artifact, loader, runtime, details = _apply(parsed, base_dir, out_dir / "artifact", calibration, tokenizer,
                                                 parsed_options)
     seconds = time.perf_counter() - started
-    base = load_model(base_dir)
+    base = _load_base(base_dir)
     if targets is None:
-        targets = heldout_targets(tokenizer, heldout or calibration[-8:], model=base, max_new_tokens=max_new_tokens)
+        targets = (pair_targets(tokenizer, heldout or calibration[-8:]) if is_reward_model(base_dir) else
+                   heldout_targets(tokenizer, heldout or calibration[-8:], model=base, max_new_tokens=max_new_tokens))
     prompt = encode_prompt(tokenizer, (heldout or calibration)[0]["prompt"])
     m = measure_artifact(base, base_dir, artifact, loader, targets, prompt, runtime)
-    report = {"method": method, "artifact": str(artifact), **m.as_dict(), "seconds": round(seconds, 3),
-              "details": details}
+    notes = [*m.notes, *details.pop("notes", [])]
+    report = {"method": method, "artifact": str(artifact), **m.as_dict(), "notes": notes,
+              "seconds": round(seconds, 3), "details": details}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compression.json").write_text(json.dumps(report, indent=2))
     return report

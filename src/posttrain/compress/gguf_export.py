@@ -25,6 +25,8 @@ Guarantees of :func:`export_gguf`:
   whose rows are not a multiple of 256, llama.cpp writes Q5_0 for Q4_K, Q5_1 for Q5_K, Q8_0 for Q6_K (F16 when
   the rows are not a multiple of 32 either);
 - tensors are streamed one at a time (peak memory is about one tensor, not the model).
+What a written file holds is read back with gguf's reader: :func:`tensor_types` counts its tensors per type, and
+:func:`type_fallbacks` names the 2-D tensors written at another type than the one asked for, with their row sizes.
 Not handled (raises NotImplementedError): rope types other than default / linear (llama3, yarn, ...), other
 architectures. Mistral's sliding window is not written (llama.cpp's llama arch attends to the whole context), so
 outputs agree with transformers up to the window length.
@@ -60,6 +62,11 @@ FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTL
               "Q5_K_M": gguf.LlamaFileType.MOSTLY_Q5_K_M, "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K}
 LLAMA_CPP_TYPES = ("Q4_K_M", "Q5_K_M", "Q6_K")
 QTYPES = (*NUMPY_TYPES, *LLAMA_CPP_TYPES)
+# The tensor types each quantized file type is meant to be made of: llama.cpp's *_K_M mixes use several K-quants
+# (e.g. Q6_K for the output), and our Q4_0 keeps the output at Q8_0 (see `_tensor_type`).
+K_QUANTS = frozenset({T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_K})
+INTENDED_TYPES = {**{q: K_QUANTS for q in LLAMA_CPP_TYPES}, "Q8_0": frozenset({T.Q8_0}),
+                  "Q4_0": frozenset({T.Q4_0, T.Q8_0})}
 
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -309,3 +316,44 @@ def _export_with_llama_cpp(model_dir: Path, out_path: Path, qtype: str, **kwargs
     finally:
         tmp.unlink(missing_ok=True)
     return out_path
+
+
+def tensor_types(path: str | Path) -> dict[str, int]:
+    """How many tensors of the GGUF file at `path` are of each type (e.g. {"F32": 5, "Q4_K": 1, ...})."""
+    counts: dict[str, int] = {}
+    for tensor in gguf.GGUFReader(path).tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def type_fallbacks(path: str | Path, qtype: str) -> dict[str, Any] | None:
+    """The 2-D tensors of the GGUF file at `path`, written for `qtype`, that are not of the types `qtype` is made
+    of (None when there are none, or for F32 / F16 / BF16): {"tensors", "of" (2-D tensors in the file),
+    "types" (count per type written instead), "row_sizes" (their distinct row lengths), "block" (the requested
+    type's block size), "short_rows" (how many of them have rows that are not a multiple of it), "note"}.
+
+    Why they fell back: a quantized row is a whole number of blocks (256 values for K-quants, 32 for Q8_0 / Q4_0),
+    so llama.cpp (and `_tensor_type`) write a row that is not a multiple of the block at a type whose block fits."""
+    qtype = qtype.upper()
+    intended = INTENDED_TYPES.get(qtype)
+    if intended is None:
+        return None
+    matrices = [t for t in gguf.GGUFReader(path).tensors if len(t.shape) >= 2]
+    fell = [t for t in matrices if t.tensor_type not in intended]
+    if not fell:
+        return None
+    block = gguf.GGML_QUANT_SIZES[T.Q4_K if qtype in LLAMA_CPP_TYPES else NUMPY_TYPES[qtype]][0]
+    types: dict[str, int] = {}
+    for t in fell:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    rows = sorted({int(t.shape[0]) for t in fell})  # GGUF shapes list the row length (ne0) first
+    short = sum(int(t.shape[0]) % block != 0 for t in fell)
+    kind = "K-quant" if qtype in LLAMA_CPP_TYPES else qtype
+    written = ", ".join(f"{n} at {name}" for name, n in sorted(types.items()))
+    why = (f"their rows ({', '.join(map(str, rows))} values) are not a multiple of the {block}-value {kind} block"
+           if short == len(fell) else f"{short} of them have rows that are not a multiple of the {block}-value "
+           f"{kind} block; the others are the quantizer's own choice")
+    note = (f"{qtype}: {len(fell)} of {len(matrices)} weight matrices were not written as {kind}s ({written}): "
+            f"{why}")
+    return {"tensors": len(fell), "of": len(matrices), "types": dict(sorted(types.items())), "row_sizes": rows,
+            "block": block, "short_rows": short, "note": note}

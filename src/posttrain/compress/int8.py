@@ -7,13 +7,22 @@ Guarantees:
 - the artifact is a directory: `model.safetensors` holding the int8 tensors, the scales and every other tensor
   unchanged, plus `config.json`, the tokenizer, and `quantization.json` describing the scheme;
 - `load_int8` rebuilds the model from its config and replaces the linears by `Int8Linear` modules that keep the
-  int8 weights in memory and dequantize on the fly, so the reloaded model computes with the quantized weights.
-Embeddings and norms stay in full precision (quantizing them costs accuracy for little size on small models).
+  int8 weights in memory and dequantize on the fly, so the reloaded model computes with the quantized weights. It
+  reloads as the class that was quantized (the config's `architectures` is that class): a causal LM as a causal
+  LM, a reward model (`*ForSequenceClassification`) as a sequence-classification model;
+- the files get the permissions the umask gives any new file (safetensors writes through a 0600 temporary file,
+  so `model.safetensors` is re-moded to match).
+Embeddings and norms stay in full precision (quantizing them costs accuracy for little size on small models), and
+so does a sequence-classification model's `score` head: it is one row per label (a reward model's is 1 x hidden),
+so int8 would save almost nothing and its rounding would go straight into every score.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +58,33 @@ class Int8Linear(nn.Module):
         return nn.functional.linear(x, weight, self.bias)
 
 
+# Heads kept in float, by the model class's name suffix (see the module docstring).
+FLOAT_HEADS = {"ForSequenceClassification": "score"}
+
+
+def float_modules(model: nn.Module) -> list[str]:
+    """The linears of `model` that stay in float: a sequence-classification model's `score` head."""
+    name = type(model).__name__
+    return [head for suffix, head in FLOAT_HEADS.items() if name.endswith(suffix) and hasattr(model, head)]
+
+
 def _linear_names(model: nn.Module) -> list[str]:
-    return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    keep = set(float_modules(model))
+    return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name not in keep]
+
+
+def _umask_mode(path: Path) -> int:
+    """The permission bits a new file at `path` gets here (0o666 less the umask, default ACLs included), found by
+    creating it: os.umask would read the mask only by changing it, for every thread, for a moment."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
 
 
 def quantize_model_to_dir(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
-    """Quantize every linear of `model` and write the artifact to `out_dir`."""
+    """Quantize every linear of `model` (but `float_modules`) and write the artifact to `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     linears = set(_linear_names(model))
@@ -67,11 +97,19 @@ def quantize_model_to_dir(model: nn.Module, tokenizer: Any, out_dir: str | Path)
             tensors[f"{module}.scale"] = s.contiguous()
         else:
             tensors[name] = tensor.detach().contiguous().clone()
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt", "quantization": SCHEME["format"]})
-    model.config.save_pretrained(out_dir)
+    weights = out_dir / "model.safetensors"
+    mode = _umask_mode(weights)
+    save_file(tensors, str(weights), metadata={"format": "pt", "quantization": SCHEME["format"]})
+    os.chmod(weights, mode)  # safetensors replaced the file by its own 0600 temporary one
+    # The class that was quantized is the one load_int8 rebuilds (a causal LM loaded from a reward model's
+    # checkpoint would otherwise keep the checkpoint's architectures and reload with a head it never had).
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    (out_dir / "quantization.json").write_text(json.dumps({**SCHEME, "linears": sorted(linears)}, indent=2))
+    (out_dir / "quantization.json").write_text(json.dumps({**SCHEME, "linears": sorted(linears),
+                                                           "float_modules": float_modules(model)}, indent=2))
     return out_dir
 
 

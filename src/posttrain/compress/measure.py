@@ -15,24 +15,39 @@ and cut after the first end-of-sequence token, which is scored too ("aligned_gre
 never scored: a prompt is not what the model produces, so its perplexity says little about the model. "mixed" when
 both sources occur. The completions are generated once (`heldout_targets`) and reused for every artifact measured on
 those targets.
+
+A reward model (a score head, no language-model head; it does not generate) is measured on held-out preference
+pairs instead (`pair_targets`, `scored_on` "preference_pairs"): both models score the chosen and the rejected
+completion of each pair, tokenized as reward-model training tokenizes them, and `reward` holds the pairs, each
+model's pairwise accuracy (chosen scored strictly higher, a tie is wrong), the preference agreement (the share of
+pairs where both models make the same call) and the mean and largest absolute score difference over every scored
+completion. Perplexity, top-1 agreement and tokens/s do not apply to it: they are null, and `notes` says so.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from ..align.engine import TrainOptions
+from ..align.preference import EncodedPair, collate_pairs, encode_pairs
+from ..align.reward_model import sequence_scores
+from ..align.sft import pad_id_of
 from ..data.tokenize import encode_completion, encode_prompt
 from ..models.loading import weights_size_bytes
 from ..rollout.generate import generate
 
 # `scored_on` values: what the held-out positions are (see the module docstring).
 COMPLETIONS, ALIGNED_GREEDY, MIXED = "completions", "aligned_greedy_completions", "mixed"
+PAIRS = "preference_pairs"  # a reward model's targets (`pair_targets`); `scored_rows` counts them as "pair"
+NOT_FOR_REWARD_MODELS = ("perplexity, top-1 agreement and tokens/s do not apply to a reward model (a score head, no "
+                         "language-model head, and it does not generate), so they are null; it is measured by its "
+                         "scores on held-out preference pairs instead (reward)")
 GENERATED = "aligned_greedy_completion"  # the `scored_rows` source of a row completed by the aligned model
 MAX_NEW_TOKENS = 64  # default cap of those completions (compress.heldout_max_new_tokens in a run config)
 
@@ -42,15 +57,17 @@ class ArtifactMeasurement:
     size_bytes: int
     base_size_bytes: int
     load_seconds: float
-    tokens_per_s: float
+    tokens_per_s: float | None  # None: does not apply (a reward model does not generate)
     runtime: str
-    perplexity: float
-    base_perplexity: float
-    top1_agreement: float
-    positions: int
-    scored_on: str  # completions | aligned_greedy_completions | mixed, or the caller's label of its targets
-    scored_rows: dict[str, int]  # rows scored per source: completion, chosen, aligned_greedy_completion
+    perplexity: float | None  # None (and top1_agreement, positions): a reward model, see `reward`
+    base_perplexity: float | None
+    top1_agreement: float | None
+    positions: int | None
+    scored_on: str  # completions | aligned_greedy_completions | mixed | preference_pairs, or the caller's label
+    scored_rows: dict[str, int]  # rows scored per source: completion, chosen, aligned_greedy_completion, pair
     max_new_tokens: int | None  # the cap of the aligned model's greedy completions; None when none was generated
+    reward: dict[str, Any] | None = None  # a reward model's measurement (`compare_reward_models`)
+    notes: list[str] = field(default_factory=list)  # what was not measured, and why
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,6 +147,62 @@ def heldout_targets(tokenizer: Any, rows: Sequence[dict], *, model: Any = None, 
                           max_new_tokens if GENERATED in scored else None, dropped or None)
 
 
+@dataclass(frozen=True)
+class PairTargets:
+    """Held-out preference pairs a reward model is measured on, tokenized as reward-model training does."""
+
+    pairs: list[EncodedPair]
+    pad: int
+    dropped: dict[str, int] | None = None  # pairs not scored (emptied or made identical by truncation), by reason
+    scored_on: str = PAIRS
+    max_new_tokens: None = None  # nothing is generated
+
+    @property
+    def scored_rows(self) -> dict[str, int]:
+        return {"pair": len(self.pairs)}
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+def pair_targets(tokenizer: Any, rows: Sequence[dict], *, max_length: int = 256) -> PairTargets:
+    """A reward model's held-out targets: normalised preference rows, each cut to `max_length` tokens per side as
+    `align.preference.encode_pairs` cuts them. Raises ValueError naming the first row that is not a pair, or when
+    truncation leaves no pair to score."""
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not all(row.get(k) for k in ("prompt", "chosen", "rejected")):
+            got = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(f"held-out row {i + 1}: measuring a reward model needs preference pairs ('prompt', "
+                             f"'chosen', 'rejected'), got {got}")
+    pairs, dropped = encode_pairs(tokenizer, rows, TrainOptions(max_length=max_length))
+    if not pairs:
+        raise ValueError(f"none of the {len(rows)} held-out pairs is left to score within {max_length} tokens "
+                         f"(dropped: {dropped})")
+    return PairTargets(pairs, pad_id_of(tokenizer), dropped or None)
+
+
+@torch.no_grad()
+def compare_reward_models(base: Any, candidate: Any, targets: PairTargets, batch_size: int = 16) -> dict[str, Any]:
+    """Both reward models' scores of every held-out pair's chosen and rejected completion (the same batches, so the
+    same padding): pairs, pairwise_accuracy and base_pairwise_accuracy (chosen strictly above rejected),
+    preference_agreement (the share of pairs where both models' call, chosen above or not, is the same), and
+    mean_abs_score_diff / max_abs_score_diff over every scored completion."""
+    calls_b, calls_c, diffs = [], [], []
+    for start in range(0, len(targets.pairs), batch_size):
+        chunk = targets.pairs[start:start + batch_size]
+        batch = collate_pairs(chunk, targets.pad)
+        sb, sc = sequence_scores(base, batch).cpu(), sequence_scores(candidate, batch).cpu()
+        n = len(chunk)
+        calls_b.append(sb[:n] > sb[n:])
+        calls_c.append(sc[:n] > sc[n:])
+        diffs.append((sc - sb).abs())
+    b, c, d = torch.cat(calls_b), torch.cat(calls_c), torch.cat(diffs).double()
+    return {"pairs": len(targets.pairs), "pairwise_accuracy": float(c.double().mean()),
+            "base_pairwise_accuracy": float(b.double().mean()),
+            "preference_agreement": float((b == c).double().mean()),
+            "mean_abs_score_diff": float(d.mean()), "max_abs_score_diff": float(d.max())}
+
+
 @torch.no_grad()
 def _logits(model: Any, ids: list[int]) -> torch.Tensor:
     device = next(model.parameters()).device
@@ -173,12 +246,18 @@ def greedy_tokens_per_s(model: Any, prompt_ids: list[int], new_tokens: int = 32)
 
 
 def measure_artifact(base: Any, base_dir: str | Path, artifact: str | Path, load: Callable[[], Any],
-                     targets: HeldoutTargets, prompt_ids: list[int], runtime: str) -> ArtifactMeasurement:
-    """Load the artifact with `load` (timed), then measure it against `base` on `targets`."""
+                     targets: HeldoutTargets | PairTargets, prompt_ids: list[int], runtime: str) -> ArtifactMeasurement:
+    """Load the artifact with `load` (timed), then measure it against `base` on `targets` (a reward model's on
+    `PairTargets`: see the module docstring)."""
     started = time.perf_counter()
     candidate = load()
     load_seconds = time.perf_counter() - started
     candidate.eval()
+    if isinstance(targets, PairTargets):
+        return ArtifactMeasurement(artifact_size(artifact), weights_size_bytes(base_dir), round(load_seconds, 4),
+                                   None, runtime, None, None, None, None, targets.scored_on, targets.scored_rows,
+                                   None, reward=compare_reward_models(base, candidate, targets),
+                                   notes=[NOT_FOR_REWARD_MODELS])
     ppl, base_ppl, agreement, positions = compare_on_texts(base, candidate, targets)
     speed = greedy_tokens_per_s(candidate, prompt_ids)
     return ArtifactMeasurement(artifact_size(artifact), weights_size_bytes(base_dir), round(load_seconds, 4),
