@@ -351,6 +351,88 @@ def test_the_pipeline_compresses_a_reward_model_and_measures_it_on_pairs(tmp_pat
             f"{w['base_pairwise_accuracy']:.4f}") in md
 
 
+@pytest.mark.slow
+def test_a_failed_compress_still_measures_the_aligned_model(tmp_path, capsys):
+    """GGUF cannot hold a reward model's score head: the compress stage fails naming what is supported, the
+    aligned model is evaluated anyway (alone), and the run fails with the compress stage's reason."""
+    code, run_dir, report = run_demo(tmp_path, capsys, "--method", "rm", "--compress.method", "gguf:q8_0")
+    assert code == 1 and report["status"] == "failed"
+    aligned_dir = run_dir / "checkpoints" / "rm" / "final"
+    err = report["error"]
+    assert err["agent"] == "compressor" and err["task"].startswith("compress-")
+    assert err["reason"] == ("stage 'compress' failed after 1 attempt(s): TaskError: gguf:q8_0 failed: gguf:q8_0 "
+                             f"cannot compress the reward model {aligned_dir} (a sequence-classification "
+                             "checkpoint); supported for reward models: int8_rtn")
+    assert [(s["name"], s["status"]) for s in report["stages"]] == [
+        ("data", "succeeded"), ("select", "succeeded"), ("evaluate_base", "succeeded"), ("train", "succeeded"),
+        ("compress", "failed"), ("evaluate", "succeeded")]
+    (assigned,) = [e for e in events(run_dir, "task.assigned.v1") if e["stage"] == "evaluate"]
+    assert assigned["params"]["models"] == {"aligned": str(aligned_dir)}
+    aligned = report["accuracy"]["aligned"]
+    assert aligned["metric"] == "reward_accuracy" and aligned["n"] == 8
+    assert report["accuracy"]["compressed"] is None and report["compression"] is None
+    (finished,) = events(run_dir, "run.finished.v1")
+    assert finished["error"] == err
+
+
+class _StandIn:
+    """A stage agent with no model: returns the paths a stage would, or fails the stage `fails` names."""
+
+    subscriptions = ()
+    OUTPUTS = {"data": {"kind": "verifiable", "profile": {}, "model": "stand-in", "train_path": "t.jsonl",
+                        "eval_path": "e.jsonl", "eval_kind": "verifiable"},
+               "selector": {"method": "grpo"}, "trainer": {"checkpoint": "ckpt"}, "compressor": {"path": "c"},
+               "evaluator": {"results": {}, "gate_failures": []}}
+
+    def __init__(self, name, fails=None):
+        self.name, self.fails, self.assigned = name, fails, []
+
+    def handle(self, env, ctx):
+        from posttrain.agents.runtime import TaskError
+
+        if env.type == "task.assigned.v1":
+            self.assigned.append(env.data["params"])
+            if env.data["stage"] == self.fails:
+                raise TaskError(f"{self.name} says no")
+            return self.OUTPUTS[self.name]
+
+
+@pytest.mark.parametrize("evaluate_fails", [False, True])
+def test_after_a_failed_compress_the_run_fails_with_its_reason(tmp_path, evaluate_fails):
+    from posttrain.agents.coordinator import Coordinator
+    from posttrain.config import RunConfig
+    from posttrain.run import execute
+
+    config = RunConfig(runs_dir=str(tmp_path), run_timeout_s=30)
+    cast = {name: _StandIn(name) for name in _StandIn.OUTPUTS}
+    cast["compressor"] = _StandIn("compressor", fails="compress")
+    cast["evaluator"] = _StandIn("evaluator", fails="evaluate" if evaluate_fails else None)
+    outcome = execute(config, view="quiet", agents={"coordinator": Coordinator(config), **cast})
+    assert outcome.status == "failed"
+    assert cast["evaluator"].assigned[-1]["models"] == {"aligned": "ckpt"}  # evaluate_base, then aligned alone
+    first = "stage 'compress' failed after 1 attempt(s): TaskError: compressor says no"
+    err = outcome.report["error"]
+    assert err["agent"] == "compressor" and err["task"].startswith("compress-")
+    assert err["reason"] == (first + ("; then evaluator failed too: stage 'evaluate' failed after 1 attempt(s): "
+                                      "TaskError: evaluator says no" if evaluate_fails else ""))
+    assert [(s["name"], s["status"]) for s in outcome.report["stages"]][-2:] == [
+        ("compress", "failed"), ("evaluate", "failed" if evaluate_fails else "succeeded")]
+
+
+def test_a_failed_compress_without_an_evaluate_stage_fails_at_once(tmp_path):
+    from posttrain.agents.coordinator import Coordinator
+    from posttrain.config import RunConfig
+    from posttrain.run import execute
+
+    config = RunConfig(runs_dir=str(tmp_path), run_timeout_s=30, evaluate={"enabled": False})
+    cast = {name: _StandIn(name) for name in _StandIn.OUTPUTS}
+    cast["compressor"] = _StandIn("compressor", fails="compress")
+    outcome = execute(config, view="quiet", agents={"coordinator": Coordinator(config), **cast})
+    assert outcome.status == "failed" and cast["evaluator"].assigned == []
+    assert outcome.report["error"]["reason"] == "stage 'compress' failed after 1 attempt(s): TaskError: compressor " \
+                                                "says no"
+
+
 def test_gates_whose_measure_does_not_apply_are_not_checked():
     from posttrain.agents.compressor import gate_verdict, gates_not_applied
 

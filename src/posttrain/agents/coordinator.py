@@ -13,7 +13,11 @@ Guarantees:
   again (attempt k+1) with the methods of `[compress.method, *compress.fallback]` not yet tried, and evaluate again
   on the new compressed model only (its aligned results are the earlier attempt's). With none left, the
   `gate.rejected.v1` says so and the run fails with the gate's numbers. A drop from base to aligned is the
-  evaluator's task failure and fails the run (no compression can fix it).
+  evaluator's task failure and fails the run (no compression can fix it);
+- a failed first compress task (`task.failed.v1`: the method raised or every method was rejected by the
+  compressor's own gate) does not leave the aligned model unmeasured: the evaluate stage still runs, on the aligned
+  model alone, and the run then fails with the compress failure as its error (a later failure is added to that
+  reason). Anything else that ends a compress stage (an unhealthy agent, a passed deadline) fails the run at once.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ class Coordinator:
         self._untried: list[str] = []        # compression methods after the one the last compress task kept
         self._compress_attempt = 0
         self._gate_rejected: list[str] = []  # methods whose artifacts the evaluation gate rejected, in order
+        self._deferred: tuple[str, str, str] | None = None  # (agent, task, reason) of a compress failure held back
 
     # -- messages ----------------------------------------------------------------------------------------------
     def handle(self, env: Envelope, ctx: AgentContext) -> None:
@@ -94,8 +99,10 @@ class Coordinator:
                 self._assign_next(ctx)
         elif kind == "task.failed.v1":
             if self._is_pending(data["task_id"]):
-                self._fail(ctx, env.source, data["task_id"], f"stage '{self.pending.stage.label}' failed after "
-                                                             f"{data['attempts']} attempt(s): {data['reason']}")
+                reason = (f"stage '{self.pending.stage.label}' failed after {data['attempts']} attempt(s): "
+                          f"{data['reason']}")
+                if not self._evaluate_despite_failed_compress(ctx, env.source, data["task_id"], reason):
+                    self._fail(ctx, env.source, data["task_id"], reason)
         elif kind == "agent.health.v1" and data["health"] == "unhealthy":
             self._fail(ctx, data["agent"], self._task_of(data["agent"]) or data.get("task_id"), data["reason"])
         elif kind == "agent.stopped.v1":
@@ -161,8 +168,25 @@ class Coordinator:
                                                          Stage("evaluate", "evaluator", attempt)]
         self._assign_next(ctx)
 
+    def _evaluate_despite_failed_compress(self, ctx: AgentContext, agent: str, task: str, reason: str) -> bool:
+        """A first compress task failed: close it, evaluate the aligned model anyway and fail the run after that
+        with this failure. False (nothing done) when that does not apply: another stage, a re-compression (the
+        aligned model is measured already), or no evaluate stage planned."""
+        p = self.pending
+        evaluate = [s for s in self.plan[self._next_index:] if s.name == "evaluate"]
+        if p.stage.name != "compress" or "evaluate" in self.results or self._deferred or not evaluate:
+            return False
+        self._deferred = (agent, task, reason)
+        self._close_stage(ctx, "failed", reason)
+        self.plan[self._next_index:] = evaluate[:1]  # its params name the aligned model only ("compress" has none)
+        self._assign_next(ctx)
+        return True
+
     def _assign_next(self, ctx: AgentContext) -> None:
         if self._next_index >= len(self.plan):
+            if self._deferred is not None:  # the aligned model is measured; the run still failed
+                self._fail(ctx, *self._deferred)
+                return
             self.finished = True
             ctx.publish("run.finished.v1", {"status": "succeeded", "error": None})
             return
@@ -197,6 +221,10 @@ class Coordinator:
         if self.finished:
             return
         self._close_stage(ctx, "failed", reason)
+        if self._deferred is not None and (agent, task, reason) != self._deferred:
+            # The run failed at compress first; what failed while the aligned model was evaluated comes after.
+            first_agent, first_task, first_reason = self._deferred
+            agent, task, reason = first_agent, first_task, f"{first_reason}; then {agent} failed too: {reason}"
         self.finished = True
         ctx.publish("run.finished.v1", {"status": "failed", "error": {"agent": agent, "task": task, "reason": reason}})
 
