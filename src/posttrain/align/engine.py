@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..models.files import give_umask_modes
+
 
 class TrainOptions(BaseModel):
     """Settings of the shared loop. Technique-specific settings live in each technique's own options."""
@@ -225,4 +227,5 @@ def save_pretrained(model: torch.nn.Module, tokenizer: Any, directory: str | Pat
     model.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+    give_umask_modes(directory)
     return directory

@@ -230,10 +230,13 @@ class StudentWithProjector(nn.Module):
     def save_pretrained(self, directory: str | Path, **kwargs: Any) -> None:
         from safetensors.torch import save_file
 
+        from ..models.files import give_umask_modes
+
         self.student.save_pretrained(directory, **kwargs)
         state = {k: v.detach().contiguous() for k, v in self.projector.state_dict().items()}
         if state:
             save_file(state, str(Path(directory) / "distill_projector.safetensors"))
+        give_umask_modes(directory)
 
 
 # -- the trainer -------------------------------------------------------------------------------------------------

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import stat
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ..models.files import give_umask_modes
 
 SCHEME = {"format": "posttrain-int8-rtn", "version": 1, "bits": 8, "granularity": "per-output-channel",
           "symmetric": True, "modules": "nn.Linear"}
@@ -73,16 +73,6 @@ def _linear_names(model: nn.Module) -> list[str]:
     return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name not in keep]
 
 
-def _umask_mode(path: Path) -> int:
-    """The permission bits a new file at `path` gets here (0o666 less the umask, default ACLs included), found by
-    creating it: os.umask would read the mask only by changing it, for every thread, for a moment."""
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o666)
-    try:
-        return stat.S_IMODE(os.fstat(fd).st_mode)
-    finally:
-        os.close(fd)
-
-
 def quantize_model_to_dir(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
     """Quantize every linear of `model` (but `float_modules`) and write the artifact to `out_dir`."""
     out_dir = Path(out_dir)
@@ -98,9 +88,8 @@ def quantize_model_to_dir(model: nn.Module, tokenizer: Any, out_dir: str | Path)
         else:
             tensors[name] = tensor.detach().contiguous().clone()
     weights = out_dir / "model.safetensors"
-    mode = _umask_mode(weights)
     save_file(tensors, str(weights), metadata={"format": "pt", "quantization": SCHEME["format"]})
-    os.chmod(weights, mode)  # safetensors replaced the file by its own 0600 temporary one
+    give_umask_modes(out_dir)  # safetensors replaced the file by its own 0600 temporary one
     # The class that was quantized is the one load_int8 rebuilds (a causal LM loaded from a reward model's
     # checkpoint would otherwise keep the checkpoint's architectures and reload with a head it never had).
     config = copy.deepcopy(model.config)

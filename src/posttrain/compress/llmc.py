@@ -264,11 +264,14 @@ def save_compressed(model: Any, tokenizer: Any, out_dir: str | Path, *, quantize
     do not run it afterwards. `quantized=False` (pruning) writes dense float weights, zeros included, and leaves the
     model usable.
     """
+    from ..models.files import give_umask_modes
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with _ONESHOT_LOCK:
         model.save_pretrained(out, save_compressed=quantized)
     tokenizer.save_pretrained(out)
+    give_umask_modes(out)
     return out
 
 

@@ -158,6 +158,7 @@ def _build_into(out: Path, seed: int, log: Callable[[str], None]) -> None:
     from ..align.sft import train_sft
     from ..evaluate.exact_match import evaluate_exact_match
     from ..tasks.arithmetic import make_splits, sft_rows, verifiable_rows
+    from .files import give_umask_modes
     from .tokenizer_builder import build_tokenizer
 
     started = time.perf_counter()
@@ -197,6 +198,7 @@ def _build_into(out: Path, seed: int, log: Callable[[str], None]) -> None:
                                                max_new_tokens=ecfg["max_new_tokens"])
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    give_umask_modes(out)
 
     lo, hi = score.ci95
     manifest = {

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from .files import give_umask_modes
+
 
 class LoraOptions(BaseModel):
     """LoRA hyper-parameters (Hu et al. 2021). The update is W + (alpha / r)·B·A with A: r×in, B: out×r."""
@@ -107,4 +109,5 @@ def save_lora(model: Any, tokenizer: Any, out_dir: str | Path) -> tuple[Path, Pa
     if tokenizer is not None:
         tokenizer.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(merged_dir)
+    give_umask_modes(out_dir)
     return adapter_dir, merged_dir
