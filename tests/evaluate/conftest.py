@@ -38,6 +38,13 @@ def gpt2_and_bpe(datasets_dir):
 
 
 @pytest.fixture(scope="module")
+def gpt2_builder():
+    """`build_gpt2_and_bpe` itself, for tests that need other settings. A fixture, because `from conftest import`
+    inside a test resolves to whichever conftest module was imported last (tests/live has one too)."""
+    return build_gpt2_and_bpe
+
+
+@pytest.fixture(scope="module")
 def gpt2_chat(datasets_dir):
     """The same GPT-2 and BPE, its tokenizer given a chat template (for MT-Bench's chat-rendered answers)."""
     return build_gpt2_and_bpe(datasets_dir, chat_template=GPT2_CHAT_TEMPLATE)

@@ -230,12 +230,10 @@ def cached_decoder_calls(model):
 
 
 @pytest.fixture(params=["llama", "gpt2"])
-def arch(request, tiny_tokenizer, make_llama, datasets_dir):
+def arch(request, tiny_tokenizer, make_llama, datasets_dir, gpt2_builder):
     if request.param == "llama":
         return make_llama(seed=8), tiny_tokenizer
-    from conftest import build_gpt2_and_bpe
-
-    return build_gpt2_and_bpe(datasets_dir, n_positions=256)
+    return gpt2_builder(datasets_dir, n_positions=256)
 
 
 def test_shared_prefix_path_equals_the_plain_path_on_mmlu_style_requests(arch, monkeypatch):

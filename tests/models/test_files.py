@@ -35,8 +35,6 @@ def test_safetensors_alone_writes_0600_and_the_helper_gives_the_umask_mode(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["sub"]  # the probe file is gone
 
 
-def test_a_saved_checkpoint_is_readable_like_its_config(tmp_path, tiny_tokenizer):
-    from conftest import make_tiny_llama
-
-    out = save_pretrained(make_tiny_llama(tiny_tokenizer), tiny_tokenizer, tmp_path / "ckpt")
+def test_a_saved_checkpoint_is_readable_like_its_config(tmp_path, tiny_tokenizer, make_llama):
+    out = save_pretrained(make_llama(), tiny_tokenizer, tmp_path / "ckpt")
     assert _mode(out / "model.safetensors") == _mode(out / "config.json") == new_file_mode(out)
