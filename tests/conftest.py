@@ -15,6 +15,10 @@ ORACLE = SHARED / "oracle"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# The builders live in tiny_models.py (a module name no other file on sys.path has): test modules import them from
+# there, since `from conftest import` names whichever of the several conftest modules was imported last.
+from tiny_models import CORPUS, make_tiny_llama  # noqa: E402
+
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need a CUDA device: skip them, saying so, when there is none."""
@@ -42,26 +46,11 @@ def datasets_dir() -> Path:
     return require(DATASETS)
 
 
-CORPUS = [f"Sam has {a} apples and buys {b} more. How many apples? Sam has {a} + {b} = {a + b}.\n#### {a + b}"
-          for a in range(12) for b in range(12)]
-
-
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from posttrain.models.tokenizer_builder import build_tokenizer
 
     return build_tokenizer(CORPUS, vocab_size=320)
-
-
-def make_tiny_llama(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from posttrain.compress.distill import (DistillSettings, VocabMismatchError, che
 from posttrain.models.tokenizer_builder import build_tokenizer
 from posttrain.tasks import arithmetic
 
-from conftest import CORPUS, make_tiny_llama  # tests/ is on sys.path (pytest puts the conftest directory there)
+from tiny_models import CORPUS, make_tiny_llama  # tests/ is on sys.path (the rootdir conftest's folder)
 
 
 @pytest.fixture(scope="module")

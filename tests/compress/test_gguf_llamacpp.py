@@ -16,7 +16,7 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-from conftest import make_tiny_llama  # tests/ is on sys.path (pytest puts the conftest directory there)
+from tiny_models import make_tiny_llama  # tests/ is on sys.path (the rootdir conftest's folder)
 from test_gguf import CORPUS, TEXTS, build
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama  # tests/ is on sys.path (pytest puts the conftest directory there)
+from tiny_models import make_tiny_llama  # tests/ is on sys.path (the rootdir conftest's folder)
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
 from posttrain.align.engine import save_pretrained
