@@ -1,5 +1,6 @@
 """Log-probs: label shift, completion-only, padding-side independence, pad == eos safety."""
 
+import pytest
 import torch
 
 from posttrain.align.logprobs import sequence_logprobs, token_logprobs
@@ -75,3 +76,179 @@ def test_fast_path_falls_back_for_a_model_whose_forward_is_not_head_of_decoder(t
     assert lp._FAST_PATH_OK[Scaled] is False
     expected = torch.log_softmax(logits, -1)
     torch.testing.assert_close(got[0, 2:], torch.stack([expected[2, 12], expected[3, 2]]), atol=1e-5, rtol=1e-5)
+
+
+# ---- the restricted last layer (queries, attention output and MLP only where a token is scored) ----------------
+
+ROWS = [([1, 10, 11, 12, 9, 8], [13, 2]), ([1, 14], [15, 16, 17, 5, 6, 2]), ([1], [18, 2]), ([1, 3, 4], [7])]
+
+
+def _family_model(family: str, window: int | None = None):
+    """A tiny random model of `family` whose last layer matters (initializer_range 0.2: a wrong rotary, mask or
+    query position moves log-probs by 1e-2 or more), with grouped-query attention and, where the family has them,
+    biases and a sliding window (by default shorter than the rows, so that it binds)."""
+    import transformers as tf
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2)
+    torch.manual_seed(0)
+    if family == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**common, attention_bias=True, mlp_bias=True)).eval()
+    if family == "mistral":
+        return tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=window or 3)).eval()
+    # Qwen2: biases on q/k/v; sliding window on the last layer only (layers >= max_window_layers)
+    return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=window or 4,
+                                              max_window_layers=2)).eval()
+
+
+@pytest.fixture
+def fresh_checks(monkeypatch):
+    """Empty check caches, and a count of the restricted last layer's runs."""
+    from posttrain.align import logprobs as lp
+
+    for name in ("_FAST_PATH_OK", "_LAST_LAYER_OK", "_LAST_LAYER_GRADS_OK"):
+        monkeypatch.setattr(lp, name, {})
+    runs = []
+    original = lp._last_layer_at
+    monkeypatch.setattr(lp, "_last_layer_at", lambda *a, **k: runs.append(1) or original(*a, **k))
+    return runs
+
+
+def _grads(values: torch.Tensor, model) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(values.sum(), list(model.parameters()), allow_unused=True))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_restricted_last_layer_gives_the_plain_forwards_logprobs_and_gradients(family, side, fresh_checks):
+    from posttrain.align import logprobs as lp
+
+    model = _family_model(family)
+    plan = lp.last_layer_plan(model.model)
+    assert plan is not None and plan.window == {"llama": None, "mistral": 3, "qwen2": 4}[family]
+    batch = collate_completions(ROWS, pad_id=0, padding_side=side)
+    got = token_logprobs(model, batch)
+    assert len(fresh_checks) >= 1 and lp._LAST_LAYER_OK[(type(model), torch.float32)] is True
+    assert lp._LAST_LAYER_GRADS_OK[(type(model), torch.float32)] is True
+    runs = len(fresh_checks)
+    again = token_logprobs(model, batch)  # checked: the restricted path alone
+    assert len(fresh_checks) == runs + 1
+    expected = lp._full_token_logprobs(model, batch, 1.0)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for a, b in zip(_grads(again, model), _grads(expected, model)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # the plain path's own left/right padding independence holds too
+    other = collate_completions(ROWS, pad_id=0, padding_side="left" if side == "right" else "right")
+    torch.testing.assert_close(again.sum(-1), token_logprobs(model, other).sum(-1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_restricted_last_layer_on_shared_prompts_gives_the_plain_forwards_sums_and_gradients(family, fresh_checks):
+    from posttrain.align import logprobs as lp
+    from posttrain.align.logprobs import shared_prompt_logprobs
+
+    model = _family_model(family, window=16).train()  # a window covering every key: the cached path can restrict
+    prompts = [[1, 10, 11, 12, 13], [1, 14], [1, 15, 16]]
+    completions = [[[20, 21, 2], [22, 2]], [[23, 24, 25, 26, 2], [27]], [[28, 2], [29, 30, 2]]]
+    rows = [(p, c) for p, cs in zip(prompts, completions) for c in cs]
+    shared, counts = shared_prompt_logprobs(model, prompts, completions, pad_id=0)
+    assert fresh_checks and lp._LAST_LAYER_GRADS_OK[(type(model), torch.float32)] is True
+    batch = collate_completions(rows, pad_id=0)
+    expected = lp._full_token_logprobs(model, batch, 1.0).sum(-1)
+    torch.testing.assert_close(shared, expected, atol=1e-5, rtol=1e-5)
+    assert counts.tolist() == [3, 2, 5, 1, 2, 3]
+    for a, b in zip(_grads(shared, model), _grads(expected, model)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prompts_with_a_binding_sliding_window_run_the_last_layer_whole(fresh_checks):
+    """A sliding layer's cache keeps only the last window - 1 keys: the shared path restricts nothing then."""
+    from posttrain.align import logprobs as lp
+    from posttrain.align.logprobs import shared_prompt_logprobs
+
+    model = _family_model("mistral")  # window 3, rows longer than that
+    prompts, completions = [[1, 10, 11, 12], [1, 14]], [[[20, 21, 2], [22, 2]], [[23, 24, 2], [27, 2]]]
+    shared, _ = shared_prompt_logprobs(model, prompts, completions, pad_id=0)
+    assert fresh_checks == []
+    batch = collate_completions([(p, c) for p, cs in zip(prompts, completions) for c in cs], pad_id=0)
+    torch.testing.assert_close(shared, lp._full_token_logprobs(model, batch, 1.0).sum(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_a_wrong_restricted_layer_is_caught_by_the_value_check_and_switched_off(fresh_checks, monkeypatch):
+    from posttrain.align import logprobs as lp
+
+    model = _family_model("llama")
+    monkeypatch.setattr(lp, "_rotate", lambda x, cos, sin: x)  # forgets the rotary embedding
+    batch = collate_completions(ROWS, pad_id=0)
+    got = token_logprobs(model, batch)
+    assert lp._LAST_LAYER_OK[(type(model), torch.float32)] is False
+    expected = lp._full_token_logprobs(model, batch, 1.0)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    runs = len(fresh_checks)
+    token_logprobs(model, batch)
+    assert len(fresh_checks) == runs  # switched off for good
+
+
+def test_a_restricted_layer_with_right_values_but_wrong_gradients_is_switched_off(fresh_checks, monkeypatch):
+    from posttrain.align import logprobs as lp
+
+    model = _family_model("qwen2")
+    original = lp._last_layer_at
+
+    def values_only(*args, **kwargs):  # the same numbers, but no gradient reaches the layers below
+        out = original(*args, **kwargs)
+        return out.detach() + 0 * out
+
+    monkeypatch.setattr(lp, "_last_layer_at", values_only)
+    batch = collate_completions(ROWS, pad_id=0)
+    with torch.no_grad():  # a reference model's use: values only, checked and accepted
+        token_logprobs(model, batch)
+    key = (type(model), torch.float32)
+    assert lp._LAST_LAYER_OK[key] is True and key not in lp._LAST_LAYER_GRADS_OK
+    got = token_logprobs(model, batch)  # first use with gradients: the probe's gradients disagree
+    assert lp._LAST_LAYER_GRADS_OK[key] is False and lp._LAST_LAYER_OK[key] is False
+    expected = lp._full_token_logprobs(model, batch, 1.0)
+    for a, b in zip(_grads(got, model), _grads(expected, model)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_unverified_architectures_and_layers_run_the_last_layer_whole(fresh_checks, tiny_model):
+    import transformers as tf
+
+    from posttrain.align import logprobs as lp
+
+    torch.manual_seed(0)
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    assert lp.last_layer_plan(gpt2.transformer) is None
+    batch = collate_completions(ROWS, pad_id=0)
+    torch.testing.assert_close(token_logprobs(gpt2, batch), lp._full_token_logprobs(gpt2, batch, 1.0),
+                               atol=1e-5, rtol=1e-5)
+    assert fresh_checks == []
+
+    class OwnLayer(type(tiny_model.model.layers[-1])):  # a subclass may change the forward: not verified
+        pass
+
+    tiny_model.model.layers[-1].__class__ = OwnLayer
+    assert lp.last_layer_plan(tiny_model.model) is None
+    llama = _family_model("llama").train()
+    llama.config.attention_dropout = 0.0
+    assert lp.last_layer_plan(llama.model) is not None
+    llama.model.layers[-1].self_attn.attention_dropout = 0.1  # dropout on attention weights: no subset reproduces it
+    assert lp.last_layer_plan(llama.model) is None
+    assert lp.last_layer_plan(llama.model.eval()) is not None
+
+
+def test_shared_prompts_under_gradient_checkpointing_run_the_sequences_whole(fresh_checks):
+    """Checkpointed layers drop the key/value cache in training; the shared path used to crash on the None cache."""
+    from posttrain.align import logprobs as lp
+    from posttrain.align.logprobs import shared_prompt_hidden, shared_prompt_logprobs
+
+    model = _family_model("llama").train()
+    model.gradient_checkpointing_enable()
+    prompts, completions = [[1, 10, 11], [1, 14]], [[[20, 2], [21, 22, 2]], [[23, 2], [24, 2]]]
+    shared, counts = shared_prompt_logprobs(model, prompts, completions, pad_id=0)
+    batch = collate_completions([(p, c) for p, cs in zip(prompts, completions) for c in cs], pad_id=0)
+    torch.testing.assert_close(shared, lp._full_token_logprobs(model, batch, 1.0).sum(-1), atol=1e-5, rtol=1e-5)
+    assert counts.tolist() == [2, 3, 2, 2]
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        shared_prompt_hidden(model.model, prompts, completions, pad_id=0)
