@@ -132,6 +132,11 @@ def test_shared_prompt_pair_scores_equal_scoring_each_sequence(tiny_tokenizer, m
     train, _ = arithmetic.make_splits(seed=0, n_train=8, n_test=2)
     pairs, _ = encode_pairs(tiny_tokenizer, arithmetic.preference_rows(train, seed=0), TrainOptions())
     pad = tiny_tokenizer.pad_token_id
+    from posttrain.align.logprobs import last_layer_plan
+    from posttrain.align.reward_model import _backbone
+
+    # The last layer computes only each completion's last position on this backbone (the path under test).
+    assert last_layer_plan(_backbone(model)) is not None
     shared = pair_scores(model, pairs, pad)
     plain = sequence_scores(model, collate_pairs(pairs, pad))
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)

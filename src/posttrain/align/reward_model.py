@@ -131,8 +131,14 @@ def pair_scores(model: Any, pairs: Sequence[EncodedPair], pad: int) -> torch.Ten
     if _SHARED_OK.get(key) is False:
         return sequence_scores(model, collate_pairs(pairs, pad))
     head = _score_head(model)
-    states = shared_prompt_hidden(_backbone(model), [p.chosen.prompt_ids for p in pairs],
-                                  [[p.chosen.completion_ids, p.rejected.completion_ids] for p in pairs], pad)
+    completions = [[p.chosen.completion_ids, p.rejected.completion_ids] for p in pairs]
+    lengths = torch.tensor([len(c) for cs in completions for c in cs])
+    # Only each completion's last state is read: the last layer need not compute the others (logprobs.keep).
+    keep = torch.zeros((len(lengths), int(lengths.max())), dtype=torch.bool)
+    keep[torch.arange(len(lengths)), lengths - 1] = True
+    backbone = _backbone(model)
+    states = shared_prompt_hidden(backbone, [p.chosen.prompt_ids for p in pairs], completions, pad,
+                                  keep=keep.to(next(backbone.parameters()).device))
     last = states.mask.sum(1) - 1
     picked = states.hidden[torch.arange(states.hidden.shape[0], device=last.device), last]
     scores = head(picked).squeeze(-1).float()
