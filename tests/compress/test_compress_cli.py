@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -223,16 +222,10 @@ def test_k_quant_without_llama_cpp_names_what_to_install(capsys, monkeypatch, tm
     assert not (tmp_path / "out").exists()
 
 
-def test_k_quant_with_llama_quantize_on_path_goes_ahead(capsys, monkeypatch, tmp_path, base_dir, calibration):
+def test_k_quant_with_llama_quantize_on_path_goes_ahead(capsys, tmp_path, base_dir, calibration,
+                                                       llama_quantize_on_path):
     """A `llama-quantize` on PATH (a stand-in that copies its F32 input) lets the K-quant through the CLI check."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    script = bindir / "llama-quantize"
-    script.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/args\ncp "$1" "$2"\n')
-    script.chmod(0o755)
-    monkeypatch.setitem(sys.modules, "llama_cpp", None)
-    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.delenv("POSTTRAIN_LIBLLAMA", raising=False)  # would come before PATH
+    script = llama_quantize_on_path
     code, _, err = compress_cli(capsys, "--model", str(base_dir), "--method", "gguf:q4_k_m", "--calibration",
                                 str(calibration), "--out", str(tmp_path / "out"))
     assert code == 0, err

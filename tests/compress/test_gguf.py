@@ -4,7 +4,6 @@ within their quantization step; metadata and tensor names are llama.cpp's; the p
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -286,17 +285,9 @@ def test_kquant_libllama_variable_must_name_a_file(model_dirs, tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []  # nothing written, not even the intermediate file
 
 
-def test_kquant_runs_llama_quantize_from_path(model_dirs, tmp_path, monkeypatch):
+def test_kquant_runs_llama_quantize_from_path(model_dirs, tmp_path, llama_quantize_on_path):
     """With a `llama-quantize` on PATH (here a stand-in recording its arguments), the model is written at its own
     precision next to the output, handed over with the K-quant type name, and the intermediate file removed."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    script = bindir / "llama-quantize"
-    script.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/args\ncp "$1" "$2"\n')
-    script.chmod(0o755)
-    monkeypatch.setitem(sys.modules, "llama_cpp", None)
-    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.delenv("POSTTRAIN_LIBLLAMA", raising=False)  # node-llama-cpp's libllama, if any, comes after PATH
     out = export_gguf(model_dirs["gpt2"], tmp_path / "out" / "k.gguf", "q6_k")
     args = (tmp_path / "args").read_text().split()
     assert args[1:3] == [str(out), "Q6_K"] and args[0].endswith(".f32.tmp.gguf") and not Path(args[0]).exists()

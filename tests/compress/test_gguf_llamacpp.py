@@ -17,7 +17,7 @@ import gguf
 import pytest
 import torch
 from tiny_models import make_tiny_llama  # tests/ is on sys.path (the rootdir conftest's folder)
-from test_gguf import CORPUS, TEXTS, build
+from test_gguf import TEXTS, build
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from posttrain.align.engine import TrainOptions, save_pretrained
