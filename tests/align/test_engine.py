@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from posttrain.align.engine import Engine, TrainOptions
+from posttrain.align.engine import Engine, TrainOptions, applied_gradient
 from posttrain.align.logprobs import completion_mask, token_logprobs
 from posttrain.align.losses import nll_sum
 from posttrain.align.engine import LossOutput
@@ -22,7 +22,8 @@ def _capture_grads(engine):
     seen = {}
 
     def before_step(optimizer, args, kwargs):
-        seen.update({n: p.grad.clone() for n, p in engine.model.named_parameters() if p.grad is not None})
+        seen.update({n: applied_gradient(optimizer, p) for n, p in engine.model.named_parameters()
+                     if p.grad is not None})
 
     engine.optimizer.register_step_pre_hook(before_step)
     return seen
@@ -160,6 +161,55 @@ def test_clipping_scales_the_global_norm_to_max_grad_norm_and_logs_the_pre_clip_
     assert loose.keys() == raw.keys()
     assert all(torch.equal(loose[name], raw[name]) for name in raw)
     assert loose_metrics["grad_norm"] == raw_metrics["grad_norm"]
+
+
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["fused-grad-scale", "foreach-multiply"])
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5], ids=["unclipped", "clipped"])
+def test_step_equals_normalise_clip_then_adamw_done_by_hand(tiny_model, tiny_tokenizer, in_kernel, max_grad_norm):
+    """The engine applies normalisation and clipping as one factor (in the fused kernel, or one foreach multiply);
+    the update must be the textbook one: grads / units, clip_grad_norm_, AdamW."""
+    pad = tiny_tokenizer.pad_token_id
+    rows = _rows()
+    model, by_hand = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    options = TrainOptions(steps=1, lr=1e-3, max_grad_norm=max_grad_norm, schedule="constant")
+    engine = Engine(model, options)
+    assert engine._scales_in_kernel  # fp32 on CPU: the fused kernel takes the factor
+    engine._scales_in_kernel = in_kernel
+    metrics = engine.step([rows[:2], rows[2:]], _loss_fn(model, pad))
+
+    params = [p for p in by_hand.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    units = 0.0
+    for micro in (rows[:2], rows[2:]):
+        out = _loss_fn(by_hand, pad)(micro)
+        out.loss_sum.backward()
+        units += out.units
+    for p in params:
+        p.grad /= units
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf")))
+    optimizer.step()
+
+    assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-6)
+    if max_grad_norm is not None:
+        assert norm > max_grad_norm  # the clipped case does clip
+    for (name, a), (_, b) in zip(model.named_parameters(), by_hand.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6, msg=name)
+    assert getattr(engine.optimizer, "grad_scale", None) is None  # never left set for a later step
+
+
+def test_non_finite_gradient_norm_is_refused_without_an_update(tiny_model, tiny_tokenizer):
+    engine = Engine(tiny_model, TrainOptions(steps=1))
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+
+    def inf_grads(micro):
+        loss = _loss_fn(tiny_model, tiny_tokenizer.pad_token_id)(micro)
+        first = next(p for p in tiny_model.parameters() if p.requires_grad)
+        first.register_hook(lambda g: torch.full_like(g, float("inf")))
+        return loss
+    with pytest.raises(FloatingPointError, match="gradient norm is not finite"):
+        engine.step([_rows()], inf_grads)
+    assert all(torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
+    assert all(p.grad is None for p in tiny_model.parameters())
 
 
 # -- seeds --------------------------------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ def captured_gradients():
         original(self, model, *args, **kwargs)
 
         def before_step(optimizer, args, kwargs):
-            steps.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+            steps.append({n: engine_module.applied_gradient(optimizer, p) for n, p in model.named_parameters()
+                          if p.grad is not None})
 
         self.optimizer.register_step_pre_hook(before_step)
 
