@@ -9,8 +9,8 @@ import torch
 
 from posttrain.align.batching import cycle_batches
 from posttrain.align.engine import TrainOptions
-from posttrain.align.kto import (KTOSettings, collate_kl_pairs, distinct_micro_batches, encode_unpaired, kl_partners,
-                                 train_kto, unpair_preferences)
+from posttrain.align.kto import (KTOSettings, collate_kl_pairs, distinct_micro_batches, encode_unpaired,
+                                 example_and_kl_logprobs, kl_partners, policy_logprobs, train_kto, unpair_preferences)
 from posttrain.tasks import arithmetic
 
 
@@ -63,6 +63,22 @@ def test_kl_pairs_never_pair_an_example_with_its_own_completion(tiny_tokenizer, 
         ids = kl.input_ids[i][kl.completion_mask[i].bool()].tolist()
         assert ids == examples[partners[i]].encoded.completion_ids != e.encoded.completion_ids
         assert kl.input_ids[i][:len(e.encoded.prompt_ids)].tolist() == e.encoded.prompt_ids
+
+
+def test_policy_kl_rows_run_without_a_graph_and_match_the_joint_pass(tiny_tokenizer, make_llama, rows):
+    """The policy's KL rows are scored without gradients (z₀ is detached, so a graph over them would only cost a
+    zero-gradient backward); values and the examples' gradients equal the joint shared-prompt pass's."""
+    model = make_llama()
+    examples, _ = encode_unpaired(tiny_tokenizer, rows[:6], TrainOptions())
+    pad = tiny_tokenizer.pad_token_id
+    logps, kl = policy_logprobs(model, examples, pad, 512)
+    assert logps.requires_grad and not kl.requires_grad
+    joint, joint_kl = example_and_kl_logprobs(model, examples, pad, 512)
+    torch.testing.assert_close(logps, joint, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kl, joint_kl.detach(), atol=1e-5, rtol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad(logps.sum(), params), torch.autograd.grad(joint.sum(), params)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("n_rows,batch_size", [(3, 2), (5, 4), (7, 3), (9, 7)])

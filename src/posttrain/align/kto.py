@@ -29,7 +29,7 @@ from ..data.collate import CompletionBatch, collate_completions
 from ..data.tokenize import EncodedCompletion, encode_completion
 from .batching import cycle_batches
 from .engine import Engine, LossOutput, TrainOptions, TrainResult, disable_dropout, set_seed, train_loop
-from .logprobs import shared_prompt_logprobs
+from .logprobs import sequence_logprobs, shared_prompt_logprobs
 from .losses import kto_kl_baseline, kto_loss
 from .reference import ReferenceMode, make_reference, run_frozen
 from .sft import pad_id_of
@@ -125,6 +125,18 @@ def example_and_kl_logprobs(model: Any, examples: Sequence[EncodedExample], pad:
     return pairs[:, 0], pairs[:, 1]
 
 
+def policy_logprobs(model: Any, examples: Sequence[EncodedExample], pad: int,
+                    max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy's summed completion log-probs of each example (with gradients) and of its KL row (without: z₀ is
+    not back-propagated). Two passes rather than one shared-prompt pass: in a joint pass the KL rows would sit in
+    the same tensors as the examples and the backward would run over them too, at zero gradient."""
+    own = collate_completions([(e.encoded.prompt_ids, e.encoded.completion_ids) for e in examples], pad)
+    logps, _ = sequence_logprobs(model, own)
+    with torch.no_grad():
+        kl_logps, _ = sequence_logprobs(model, collate_kl_pairs(examples, pad, max_length))
+    return logps, kl_logps
+
+
 def distinct_micro_batches(examples: Sequence[EncodedExample], batch_size: int,
                            seed: int) -> Iterator[list[EncodedExample]]:
     """Endless micro-batches of `batch_size` distinct examples in seeded, per-epoch reshuffled order.
@@ -211,8 +223,7 @@ def train_kto(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainOp
 
     def loss_fn(micro: KTOMicroBatch) -> LossOutput:
         n = len(micro.examples)
-        logps, kl_logps = example_and_kl_logprobs(model, micro.examples, pad, options.max_length)
-        kl_logps = kl_logps.detach()  # z₀ is not back-propagated
+        logps, kl_logps = policy_logprobs(model, micro.examples, pad, options.max_length)
         if ref_model is not None:
             ref, kl_ref = ref_model.run(lambda net: example_and_kl_logprobs(net, micro.examples, pad,
                                                                             options.max_length))
