@@ -106,7 +106,7 @@ def fresh_checks(monkeypatch):
     """Empty check caches, and a count of the restricted last layer's runs."""
     from posttrain.align import logprobs as lp
 
-    for name in ("_FAST_PATH_OK", "_LAST_LAYER_OK", "_LAST_LAYER_GRADS_OK"):
+    for name in ("_FAST_PATH_OK", "_LAST_LAYER_OK", "_LAST_LAYER_GRADS_OK", "_PREFIX_OK", "_PREFIX_GRADS_OK"):
         monkeypatch.setattr(lp, name, {})
     runs = []
     original = lp._last_layer_at
@@ -252,3 +252,117 @@ def test_shared_prompts_under_gradient_checkpointing_run_the_sequences_whole(fre
     assert counts.tolist() == [2, 3, 2, 2]
     with pytest.raises(ValueError, match="gradient checkpointing"):
         shared_prompt_hidden(model.model, prompts, completions, pad_id=0)
+
+
+# -- a common prefix computed once (align/prefix_sharing.py) ------------------------------------------------------
+PREFIX = [1, 30, 31, 32, 33, 34]  # e.g. a chat template's header: every row starts with it
+
+
+def _prefixed_batch():
+    """Rows sharing PREFIX, of different lengths (right-padded); row 0's supervision starts right after the prefix
+    (the prefix's last state predicts a scored token), row 2 is supervised on two separate spans (assistant turns)."""
+    from posttrain.data.collate import collate_masked
+
+    rows = [PREFIX + [40, 41, 2], PREFIX + [42, 43, 44, 45, 46, 2], PREFIX + [47, 48, 49, 50, 2], PREFIX + [51, 2]]
+    masks = [[0] * 6 + [1, 1, 1], [0] * 10 + [1, 1], [0] * 6 + [0, 1, 0, 1, 1], [0] * 7 + [1]]
+    return collate_masked(list(zip(rows, masks)), pad_id=0)
+
+
+@pytest.fixture
+def prefix_runs(fresh_checks, monkeypatch):
+    from posttrain.align import logprobs as lp
+
+    runs = []
+    original = lp.prefix_shared_states
+    monkeypatch.setattr(lp, "prefix_shared_states", lambda *a, **k: runs.append(1) or original(*a, **k))
+    return runs
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_a_shared_prefix_gives_the_plain_forwards_logprobs_and_every_gradient(family, temperature, prefix_runs):
+    from posttrain.align import logprobs as lp
+
+    model = _family_model(family, window=32).train()
+    batch = _prefixed_batch()
+    assert lp.shared_prefix_length(batch) == 6
+    got = token_logprobs(model, batch, temperature)
+    key = (type(model.model), torch.float32)
+    assert prefix_runs and lp._PREFIX_OK[key] is True and lp._PREFIX_GRADS_OK[key] is True
+    expected = lp._full_token_logprobs(model, batch, temperature)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got != 0).sum() == (batch.completion_mask[:, 1:] != 0).sum()  # every scored token, nothing else
+    for a, b in zip(_grads(got, model), _grads(expected, model)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prefix_length_stops_at_the_first_scored_token_and_leaves_each_row_a_token():
+    from posttrain.align import logprobs as lp
+    from posttrain.data.collate import collate_masked
+
+    def length(rows, masks, side="right"):
+        return lp.shared_prefix_length(collate_masked(list(zip(rows, masks)), pad_id=0, padding_side=side))
+
+    same = [1, 5, 6, 7, 8]
+    assert length([same + [9], same + [10, 11]], [[0] * 5 + [1], [0] * 5 + [1, 1]]) == 5
+    assert length([same + [9], same + [10, 11]], [[0] * 3 + [1] * 3, [0] * 5 + [1, 1]]) == 3  # scored from token 3
+    assert length([same, same], [[0] * 4 + [1], [0] * 4 + [1]]) == 4  # identical rows keep their last token
+    assert length([[1, 5, 6, 9], [1, 5, 7, 9]], [[0, 0, 0, 1]] * 2) == 2
+    assert length([[2, 5, 6, 9], [1, 5, 6, 9]], [[0, 0, 0, 1]] * 2) == 0
+    assert length([same + [9], same + [10, 11]], [[0] * 5 + [1], [0] * 5 + [1, 1]], side="left") == 0
+    assert length([same + [9]], [[0] * 5 + [1]]) == 0  # one row: nothing to share
+
+
+def test_prefix_sharing_is_not_used_where_it_does_not_hold_or_pay(prefix_runs):
+    from posttrain.align import logprobs as lp
+    from posttrain.data.collate import collate_masked
+
+    batch = _prefixed_batch()
+    token_logprobs(_family_model("mistral", window=4), batch)  # a window shorter than the rows
+    token_logprobs(_family_model("llama", window=32), collate_completions(ROWS, pad_id=0))  # a 1-token prefix
+    short = collate_masked([([1, 30, 40, 2], [0, 0, 1, 1]), ([1, 30, 41, 2], [0, 0, 1, 1])], pad_id=0)
+    token_logprobs(_family_model("llama"), short)  # (rows - 1) * prefix below MIN_SHARED_PREFIX_SAVING
+    checkpointed = _family_model("llama").train()
+    checkpointed.gradient_checkpointing_enable()
+    token_logprobs(checkpointed, batch)
+    assert prefix_runs == []
+
+
+def test_a_wrong_shared_prefix_pass_is_caught_and_switched_off(prefix_runs, monkeypatch):
+    from posttrain.align import logprobs as lp
+
+    model = _family_model("llama")
+    original = lp.prefix_shared_states
+
+    def shifted(*args, **kwargs):
+        last, states = original(*args, **kwargs)
+        return last, states + 0.05
+    monkeypatch.setattr(lp, "prefix_shared_states", shifted)
+    batch = _prefixed_batch()
+    got = token_logprobs(model, batch)
+    assert lp._PREFIX_OK[(type(model.model), torch.float32)] is False
+    torch.testing.assert_close(got, lp._full_token_logprobs(model, batch, 1.0), atol=1e-5, rtol=1e-5)
+
+
+def test_a_shared_prefix_pass_with_right_values_but_wrong_gradients_is_switched_off(prefix_runs, monkeypatch):
+    from posttrain.align import logprobs as lp
+
+    model = _family_model("qwen2", window=32)
+    original = lp.prefix_shared_states
+
+    def values_only(*args, **kwargs):
+        last, states = original(*args, **kwargs)
+        return last, states.detach() + 0 * states.sum()
+    monkeypatch.setattr(lp, "prefix_shared_states", values_only)
+    batch = _prefixed_batch()
+    with torch.no_grad():
+        token_logprobs(model, batch)
+    key = (type(model.model), torch.float32)
+    assert lp._PREFIX_OK[key] is True and key not in lp._PREFIX_GRADS_OK
+    got = token_logprobs(model, batch)
+    assert lp._PREFIX_GRADS_OK[key] is False and lp._PREFIX_OK[key] is False
+    expected = lp._full_token_logprobs(model, batch, 1.0)
+    for a, b in zip(_grads(got, model), _grads(expected, model)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -11,6 +11,10 @@ final norm; every position still gets its keys and values there, so the scored p
 context. Both shortcuts are checked against the model's own forward on first use (the last-layer one per model
 class and dtype, values and then gradients) and switched off for good when they disagree; anything not verified
 (GPT-2, q/k norms, soft-capping, attention dropout in training) runs the plain way.
+
+On such a decoder, when every row of a batch starts with the same tokens (a chat template's header, a system
+prompt) and enough of them (`MIN_SHARED_PREFIX_SAVING`), `token_logprobs` computes that prefix once for all rows
+(`prefix_sharing`), checked the same way against the decoder's own forward (`_PREFIX_OK`, `_PREFIX_GRADS_OK`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.collate import CompletionBatch
+from .prefix_sharing import prefix_shared_states, rotate as _rotate
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -154,11 +159,6 @@ def decoder_states_at(decoder: torch.nn.Module, keep: torch.Tensor, key_mask: to
     return out.last_hidden_state[keep], _cache_of(out) if inputs.get("use_cache") else None
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2  # rotary as in the verified families: x*cos + rotate_half(x)*sin
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
 def _last_layer_at(plan: LastLayerPlan, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                    cache: object, key_mask: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
     """The last layer's outputs [n, H] (before the final norm) at the `keep` positions of `hidden` [B, T, H].
@@ -211,10 +211,102 @@ def _last_layer_at(plan: LastLayerPlan, hidden: torch.Tensor, position_embedding
     return out[valid]
 
 
+MIN_SHARED_PREFIX_SAVING = 12  # prefix tokens not recomputed, (rows - 1) * prefix, below which sharing is not used
+
+
+def shared_prefix_length(batch: CompletionBatch) -> int:
+    """How many leading tokens every row of `batch` shares: the common prefix of the rows' real tokens at positions
+    0.., ending at or before each row's first scored token (the prefix's last state may predict one; no earlier
+    prefix state does) and leaving every row at least one token of its own. 0 for left-padded rows."""
+    ids, real = batch.input_ids, batch.attention_mask.bool()
+    if len(ids) < 2 or not bool(real[:, 0].all()):
+        return 0
+    lengths = real.sum(1)
+    scored = batch.completion_mask.bool() & real
+    first_scored = torch.where(scored.any(1), scored.int().argmax(1), lengths)
+    limit = int(torch.minimum(first_scored, lengths - 1).min())
+    if limit <= 0:
+        return 0
+    same = (ids[:, :limit] == ids[:1, :limit]).all(0)
+    same &= (batch.position_ids[:, :limit] == torch.arange(limit, device=ids.device)).all(0)
+    return limit if bool(same.all()) else int(same.int().argmin())
+
+
+def _prefix_sharing_applies(decoder: torch.nn.Module, batch: CompletionBatch) -> int:
+    """The shared prefix length to use on this batch, 0 when sharing does not apply: an unverified layer anywhere
+    in the stack, a sliding window shorter than the rows, gradient checkpointing, or too small a saving."""
+    plan = last_layer_plan(decoder)
+    if plan is None or _checkpointing_drops_cache(decoder) or _PREFIX_OK.get(_decoder_key(decoder)) is False:
+        return 0
+    layer_cls, attention_cls, window_of = _families()[type(decoder)]
+    width = batch.input_ids.shape[1]
+    for layer in decoder.layers[:decoder.config.num_hidden_layers]:
+        if type(layer) is not layer_cls or type(layer.self_attn) is not attention_cls:
+            return 0
+        window = window_of(layer.self_attn)
+        if window is not None and window < width:
+            return 0
+    prefix = shared_prefix_length(batch)
+    return prefix if (len(batch) - 1) * prefix >= MIN_SHARED_PREFIX_SAVING else 0
+
+
+def _prefix_shared_token_logprobs(decoder: torch.nn.Module, head: torch.nn.Module, batch: CompletionBatch,
+                                  prefix: int, temperature: float) -> torch.Tensor:
+    """`_selected_token_logprobs` with the rows' common `prefix` computed once (`prefix_sharing`); same layout."""
+    ids = batch.input_ids
+    scored = batch.completion_mask.bool() & batch.attention_mask.bool()   # [B, T]: token t is scored
+    first = scored[:, prefix]                                            # predicted by the prefix's last state
+    keep_rest = torch.nn.functional.pad(scored[:, prefix + 1:], (0, 1))  # rest column j predicts token prefix+j+1
+    prefix_last, states = prefix_shared_states(decoder, ids[0, :prefix], ids[:, prefix:],
+                                               batch.attention_mask[:, prefix:], bool(first.any()), keep_rest)
+    out = torch.zeros(ids[:, 1:].shape, dtype=prefix_last.dtype, device=ids.device)
+    if prefix_last.shape[0]:
+        logits = head(prefix_last).expand(int(first.sum()), -1)
+        logits = logits / temperature if temperature != 1.0 else logits
+        out[:, prefix - 1] = torch.zeros_like(out[:, 0]).masked_scatter(
+            first, selective_log_softmax(logits, ids[:, prefix][first]))
+    logits = head(states)
+    logits = logits / temperature if temperature != 1.0 else logits
+    targets = torch.nn.functional.pad(ids[:, prefix + 1:], (0, 1))[keep_rest]
+    rest = torch.zeros(keep_rest.shape, dtype=out.dtype, device=out.device)
+    out[:, prefix:] = rest.masked_scatter(keep_rest, selective_log_softmax(logits, targets))[:, :-1]
+    return out
+
+
+def _decoder_key(decoder: torch.nn.Module) -> tuple[type, torch.dtype]:
+    return type(decoder), next(decoder.parameters()).dtype
+
+
+def _prefix_checked(key: tuple[type, torch.dtype], parts: tuple[torch.nn.Module, torch.nn.Module],
+                    batch: CompletionBatch, temperature: float, fast: torch.Tensor, prefix: int) -> bool:
+    """Whether `fast` (the prefix-shared log-probs) may be used. First use per decoder class and dtype: its values
+    against the decoder's own forward on the same rows; first use with gradients: the gradients of their sum for the
+    last layer's parameters and one earlier one (`_probe_parameters`), through a second backward over this batch,
+    once. A disagreement switches sharing off for the key for good."""
+    plain = functools.partial(_selected_token_logprobs, parts, batch, temperature)
+    if key not in _PREFIX_OK:
+        with torch.no_grad():
+            _PREFIX_OK[key] = bool(torch.allclose(fast.detach(), plain(), atol=1e-4, rtol=1e-4))
+    params = _probe_parameters(parts[0])
+    if _PREFIX_OK[key] and key not in _PREFIX_GRADS_OK and params and torch.is_grad_enabled() and fast.requires_grad:
+        again = _prefix_shared_token_logprobs(parts[0], parts[1], batch, prefix, temperature).sum()
+        ours = torch.autograd.grad(again, params, allow_unused=True)
+        theirs = torch.autograd.grad(plain().sum(), params, allow_unused=True)
+        ok = all((a is None) == (b is None) and (a is None or _grads_agree(a, b)) for a, b in zip(ours, theirs))
+        _PREFIX_GRADS_OK[key] = _PREFIX_OK[key] = ok
+    return _PREFIX_OK[key]
+
+
 def _selected_token_logprobs(parts: tuple[torch.nn.Module, torch.nn.Module], batch: CompletionBatch,
                              temperature: float, last_layer: bool = False) -> torch.Tensor:
     decoder, head = parts
     batch = batch.to(model_device(decoder))
+    prefix = _prefix_sharing_applies(decoder, batch) if last_layer else 0
+    if prefix:
+        fast = _prefix_shared_token_logprobs(decoder, head, batch, prefix, temperature)
+        key = _decoder_key(decoder)
+        if _prefix_checked(key, parts, batch, temperature, fast, prefix):
+            return fast
     mask = batch.completion_mask[:, 1:].bool()
     keep = torch.nn.functional.pad(mask, (0, 1))  # position t predicts token t+1; the last one predicts nothing
     hidden, _ = decoder_states_at(decoder, keep, batch.attention_mask, last_layer_plan(decoder) if last_layer else None,
@@ -234,6 +326,9 @@ _FAST_PATH_OK: dict[type, bool] = {}
 # gradients). Low-precision models usually fail the fp32 tolerance and keep the head-only path.
 _LAST_LAYER_OK: dict[tuple[type, torch.dtype], bool] = {}
 _LAST_LAYER_GRADS_OK: dict[tuple[type, torch.dtype], bool] = {}
+# Whether the shared-prefix pass (`prefix_sharing`) reproduces the decoder's forward, per (decoder class, dtype).
+_PREFIX_OK: dict[tuple[type, torch.dtype], bool] = {}
+_PREFIX_GRADS_OK: dict[tuple[type, torch.dtype], bool] = {}
 PROBE_ROWS = 2  # rows of the first batch whose gradients the last-layer check compares
 
 
