@@ -122,6 +122,17 @@ def test_causal_checkpoint_becomes_a_reward_model_that_saves_and_reloads(tmp_pat
     assert reloaded.config.pad_token_id == tiny_tokenizer.pad_token_id
 
 
+def test_a_missing_reward_model_directory_is_named_in_one_clear_error(tmp_path):
+    from posttrain.models.loading import ModelSourceError
+
+    with pytest.raises(ModelSourceError, match="no such directory") as err:
+        load_reward_model(tmp_path / "not-there")
+    assert str(tmp_path / "not-there") in str(err.value)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ModelSourceError, match="not a directory"):
+        load_reward_model(tmp_path / "file")
+
+
 def test_shared_prompt_pair_scores_equal_scoring_each_sequence(tiny_tokenizer, make_llama):
     from posttrain.align.preference import collate_pairs, encode_pairs
     from posttrain.align.reward_model import load_reward_model, pair_scores, sequence_scores

@@ -26,7 +26,7 @@ import torch
 
 from ..data.collate import CompletionBatch, collate_completions
 from ..data.tokenize import encode_completion
-from ..models.loading import resolve_model_path
+from ..models.loading import ModelSourceError, locate
 from .batching import windows
 from .engine import Engine, LossOutput, TrainOptions, TrainResult, disable_dropout, set_seed, train_loop
 from .logprobs import shared_prompt_hidden
@@ -87,9 +87,11 @@ def load_reward_model(path_or_model: Any, *, dtype: torch.dtype = torch.float32)
     if isinstance(path_or_model, (str, Path)):
         from transformers import AutoModelForSequenceClassification
 
-        path = resolve_model_path(str(path_or_model))
+        path = locate(str(path_or_model))  # a missing directory or malformed id: a clear error before loading
         try:
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+        except ModelSourceError:
+            raise
         except Exception as exc:  # transformers raises many types; the user needs to know what was asked for
             raise OSError(f"could not load a reward model from {path_or_model!r} ({path}): {exc}") from exc
         _score_head(model)
