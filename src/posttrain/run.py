@@ -86,7 +86,7 @@ def execute(config: RunConfig, *, view: str = "plain", console: Console | None =
             notice = console or Console(stderr=True)
             # Text, not a markup string: "[posttrain]" would be read as a style tag and vanish.
             notice.print(Text(
-                f"[posttrain] building the embedded model once (cached under {cache_root()}): about two minutes "
+                f"[posttrain] building the embedded model once (cached under {cache_root()}): under a minute "
                 "on an idle 2-core CPU (1,000 SFT steps), longer on a busy one"), highlight=False, soft_wrap=True)
             if view != "quiet":  # progress lines (every 10% of the SFT steps), so a long first build is visibly alive
                 build_log = lambda msg: notice.print(Text(f"[posttrain] embedded: {msg}"),  # noqa: E731
