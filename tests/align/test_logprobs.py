@@ -106,7 +106,8 @@ def fresh_checks(monkeypatch):
     """Empty check caches, and a count of the restricted last layer's runs."""
     from posttrain.align import logprobs as lp
 
-    for name in ("_FAST_PATH_OK", "_LAST_LAYER_OK", "_LAST_LAYER_GRADS_OK", "_PREFIX_OK", "_PREFIX_GRADS_OK"):
+    for name in ("_FAST_PATH_OK", "_LAST_LAYER_OK", "_LAST_LAYER_GRADS_OK", "_PREFIX_OK", "_PREFIX_GRADS_OK", "_TREE_OK",
+                 "_TREE_GRADS_OK"):
         monkeypatch.setattr(lp, name, {})
     runs = []
     original = lp._last_layer_at
@@ -148,6 +149,7 @@ def test_restricted_last_layer_on_shared_prompts_gives_the_plain_forwards_sums_a
     from posttrain.align.logprobs import shared_prompt_logprobs
 
     model = _family_model(family, window=16).train()  # a window covering every key: the cached path can restrict
+    lp._TREE_OK[(type(model.model), torch.float32)] = False  # the two-pass path (the packed one: tested below)
     prompts = [[1, 10, 11, 12, 13], [1, 14], [1, 15, 16]]
     completions = [[[20, 21, 2], [22, 2]], [[23, 24, 25, 26, 2], [27]], [[28, 2], [29, 30, 2]]]
     rows = [(p, c) for p, cs in zip(prompts, completions) for c in cs]
@@ -273,8 +275,8 @@ def prefix_runs(fresh_checks, monkeypatch):
     from posttrain.align import logprobs as lp
 
     runs = []
-    original = lp.prefix_shared_states
-    monkeypatch.setattr(lp, "prefix_shared_states", lambda *a, **k: runs.append(1) or original(*a, **k))
+    original = lp.tree_states
+    monkeypatch.setattr(lp, "tree_states", lambda *a, **k: runs.append(1) or original(*a, **k))
     return runs
 
 
@@ -334,12 +336,13 @@ def test_a_wrong_shared_prefix_pass_is_caught_and_switched_off(prefix_runs, monk
     from posttrain.align import logprobs as lp
 
     model = _family_model("llama")
-    original = lp.prefix_shared_states
+    original = lp.tree_states
 
     def shifted(*args, **kwargs):
-        last, states = original(*args, **kwargs)
-        return last, states + 0.05
-    monkeypatch.setattr(lp, "prefix_shared_states", shifted)
+        tree = original(*args, **kwargs)
+        tree.rows = tree.rows + 0.05
+        return tree
+    monkeypatch.setattr(lp, "tree_states", shifted)
     batch = _prefixed_batch()
     got = token_logprobs(model, batch)
     assert lp._PREFIX_OK[(type(model.model), torch.float32)] is False
@@ -350,12 +353,13 @@ def test_a_shared_prefix_pass_with_right_values_but_wrong_gradients_is_switched_
     from posttrain.align import logprobs as lp
 
     model = _family_model("qwen2", window=32)
-    original = lp.prefix_shared_states
+    original = lp.tree_states
 
     def values_only(*args, **kwargs):
-        last, states = original(*args, **kwargs)
-        return last, states.detach() + 0 * states.sum()
-    monkeypatch.setattr(lp, "prefix_shared_states", values_only)
+        tree = original(*args, **kwargs)
+        tree.rows = tree.rows.detach() + 0 * tree.rows.sum()
+        return tree
+    monkeypatch.setattr(lp, "tree_states", values_only)
     batch = _prefixed_batch()
     with torch.no_grad():
         token_logprobs(model, batch)
@@ -364,5 +368,71 @@ def test_a_shared_prefix_pass_with_right_values_but_wrong_gradients_is_switched_
     got = token_logprobs(model, batch)
     assert lp._PREFIX_GRADS_OK[key] is False and lp._PREFIX_OK[key] is False
     expected = lp._full_token_logprobs(model, batch, 1.0)
+    for a, b in zip(_grads(got, model), _grads(expected, model)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# -- shared prompts in one packed pass ------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("prompts", [[[1, 5, 6, 10, 11, 12, 13], [1, 5, 6, 14], [1, 5, 6, 15, 16]],  # common [1, 5, 6]
+                                     [[1, 10, 11], [2, 14], [3]]],  # none in common; a one-token prompt
+                         ids=["common-prefix", "no-common-prefix"])
+def test_packed_shared_prompts_give_the_plain_forwards_sums_and_every_gradient(family, prompts, fresh_checks):
+    from posttrain.align import logprobs as lp
+    from posttrain.align.logprobs import shared_prompt_logprobs
+
+    model = _family_model(family, window=32).train()
+    completions = [[[20, 21, 2], [22, 2]], [[23, 24, 25, 26, 2], [27]], [[28, 2], [29, 30, 2]]]
+    shared, counts = shared_prompt_logprobs(model, prompts, completions, pad_id=0)
+    key = (type(model.model), torch.float32)
+    assert lp._TREE_OK[key] is True and lp._TREE_GRADS_OK[key] is True
+    batch = collate_completions([(p, c) for p, cs in zip(prompts, completions) for c in cs], pad_id=0)
+    expected = lp._full_token_logprobs(model, batch, 1.0).sum(-1)
+    torch.testing.assert_close(shared, expected, atol=1e-5, rtol=1e-5)
+    assert counts.tolist() == [3, 2, 5, 1, 2, 3]
+    for a, b in zip(_grads(shared, model), _grads(expected, model)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_shared_prompts_with_different_completion_counts_and_no_keep(fresh_checks):
+    """The evaluation's use: prompts with different numbers of completions, every completion state read."""
+    from posttrain.align import logprobs as lp
+
+    model = _family_model("llama")
+    prompts = [[1, 5, 6, 10, 11], [1, 5, 6, 12]]
+    completions = [[[20, 21], [22], [23, 24, 25]], [[26, 27]]]
+    with torch.no_grad():
+        packed = lp.shared_prompt_hidden(model.model, prompts, completions, pad_id=0)
+        two_pass = lp._two_pass_shared_prompt(model.model, prompts, completions, 0, None)
+    assert lp._TREE_OK[(type(model.model), torch.float32)] is True
+    real = two_pass.mask.bool()
+    torch.testing.assert_close(packed.prompt_last, two_pass.prompt_last, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed.hidden[real], two_pass.hidden[real], atol=1e-5, rtol=1e-5)
+    assert torch.equal(packed.ids, two_pass.ids) and torch.equal(packed.mask, two_pass.mask)
+
+
+def test_a_wrong_packed_shared_prompt_pass_is_caught_and_switched_off(fresh_checks, monkeypatch):
+    from posttrain.align import logprobs as lp
+    from posttrain.align.logprobs import shared_prompt_logprobs
+
+    model = _family_model("qwen2", window=32)
+    original = lp.tree_states
+
+    def values_only(*args, **kwargs):  # right numbers, no gradient below the completions' last layer
+        tree = original(*args, **kwargs)
+        tree.completions = tree.completions.detach() + 0 * tree.completions.sum()
+        return tree
+    monkeypatch.setattr(lp, "tree_states", values_only)
+    prompts, completions = [[1, 5, 6, 10], [1, 5, 7]], [[[20, 21, 2], [22, 2]], [[23, 2], [24, 25, 2]]]
+    with torch.no_grad():
+        shared_prompt_logprobs(model, prompts, completions, pad_id=0)
+    key = (type(model.model), torch.float32)
+    assert lp._TREE_OK[key] is True and key not in lp._TREE_GRADS_OK
+    got, _ = shared_prompt_logprobs(model, prompts, completions, pad_id=0)
+    assert lp._TREE_GRADS_OK[key] is False and lp._TREE_OK[key] is False
+    batch = collate_completions([(p, c) for p, cs in zip(prompts, completions) for c in cs], pad_id=0)
+    expected = lp._full_token_logprobs(model, batch, 1.0).sum(-1)
     for a, b in zip(_grads(got, model), _grads(expected, model)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

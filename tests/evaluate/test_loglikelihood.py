@@ -220,12 +220,14 @@ def mmlu_style_requests(n_shots=2):
     return requests
 
 
-def cached_decoder_calls(model):
-    """Records, per decoder call, whether it ran on cached keys and values (the shared-prefix path)."""
+def prefix_path_calls(monkeypatch):
+    """Records one True per batch scored on the shared-prefix path (`shared_prompt_hidden`, its one entry point,
+    whichever way that runs the decoder: its own forward on a cache, or the packed pass)."""
+    import posttrain.evaluate.loglikelihood as ll_mod
+
     calls = []
-    model.get_decoder().register_forward_pre_hook(
-        lambda m, args, kwargs: calls.append(any(kwargs.get(k) is not None for k in ("cache", "past_key_values"))),
-        with_kwargs=True)
+    original = ll_mod.shared_prompt_hidden
+    monkeypatch.setattr(ll_mod, "shared_prompt_hidden", lambda *a, **k: calls.append(True) or original(*a, **k))
     return calls
 
 
@@ -247,7 +249,7 @@ def test_shared_prefix_path_equals_the_plain_path_on_mmlu_style_requests(arch, m
     # there a question has more than one input: the straddling split on the prefix path)
     assert len(plan.groups) == 2 and plan.plain == []
     monkeypatch.setitem(ll_mod._PREFIX_PATH_OK, (type(model), torch.float32), True)  # skip the once-only check
-    calls = cached_decoder_calls(model)
+    calls = prefix_path_calls(monkeypatch)
     shared = loglikelihood(model, tok, requests, batch_size=4, max_length=256)
     assert True in calls  # the prefix path ran
     plain = loglikelihood(model, tok, requests, batch_size=4, max_length=256, share_prefixes=False)
@@ -267,7 +269,7 @@ def test_left_truncated_requests_are_run_whole(tiny_tokenizer, make_llama, monke
     plan = plan_requests(pairs, max_length=256)
     assert [sorted(g) for _, g in plan.groups] == [[0, 1, 2]] and plan.plain == [3, 4, 5]  # the truncated ones
     monkeypatch.setitem(ll_mod._PREFIX_PATH_OK, (type(model), torch.float32), True)
-    calls = cached_decoder_calls(model)
+    calls = prefix_path_calls(monkeypatch)
     got = loglikelihood(model, tiny_tokenizer, fits + long, batch_size=8, max_length=256)
     assert True in calls
     for (ctx, cont), (lp, greedy) in zip(pairs, got):
@@ -275,7 +277,8 @@ def test_left_truncated_requests_are_run_whole(tiny_tokenizer, make_llama, monke
         assert lp == pytest.approx(want_lp, abs=1e-4) and greedy == want_greedy
 
 
-def test_the_prefix_path_is_checked_once_per_model_class_and_dropped_when_it_disagrees(tiny_tokenizer, make_llama):
+def test_the_prefix_path_is_checked_once_per_model_class_and_dropped_when_it_disagrees(tiny_tokenizer, make_llama,
+                                                                                       monkeypatch):
     """A model that scales its logits (like soft-capping) must not be scored by decoder + head alone; one whose
     forward is head(decoder(x)) passes the check and keeps the prefix path."""
     import posttrain.evaluate.loglikelihood as ll_mod
@@ -293,7 +296,7 @@ def test_the_prefix_path_is_checked_once_per_model_class_and_dropped_when_it_dis
     requests = mmlu_style_requests()
     for cls, ok in ((Scaled, False), (Same, True)):
         model = cls(make_llama(seed=10).config).eval()
-        calls = cached_decoder_calls(model)
+        calls = prefix_path_calls(monkeypatch)
         for _ in range(2):  # the first call is checked, the second uses the verdict
             got = loglikelihood(model, tiny_tokenizer, requests, batch_size=4, max_length=256)
             for (c, x), (lp, greedy) in zip(requests, got):
@@ -341,7 +344,7 @@ def test_a_token_straddling_the_join_on_a_shared_prefix(monkeypatch):
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                                          max_position_embeddings=64)).eval()
     monkeypatch.setitem(ll_mod._PREFIX_PATH_OK, (LlamaForCausalLM, torch.float32), True)
-    calls = cached_decoder_calls(model)
+    calls = prefix_path_calls(monkeypatch)
     got = loglikelihood(model, tok, requests, batch_size=4, max_length=32)
     assert True in calls
     for (ctx, cont), (lp, greedy) in zip(pairs, got):

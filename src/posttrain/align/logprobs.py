@@ -13,8 +13,10 @@ class and dtype, values and then gradients) and switched off for good when they 
 (GPT-2, q/k norms, soft-capping, attention dropout in training) runs the plain way.
 
 On such a decoder, when every row of a batch starts with the same tokens (a chat template's header, a system
-prompt) and enough of them (`MIN_SHARED_PREFIX_SAVING`), `token_logprobs` computes that prefix once for all rows
-(`prefix_sharing`), checked the same way against the decoder's own forward (`_PREFIX_OK`, `_PREFIX_GRADS_OK`).
+prompt) and enough of them (`MIN_SHARED_PREFIX_SAVING`), `token_logprobs` computes that prefix once for all rows,
+and `shared_prompt_hidden` (pairs and groups sharing a prompt) runs prompts and completions in one packed pass with
+the prompts' common prefix once (`prefix_sharing.tree_states`); both are checked the same way, once per decoder
+class and dtype, against the decoder's own forward (`_PREFIX_OK`/`_PREFIX_GRADS_OK`, `_TREE_OK`/`_TREE_GRADS_OK`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.collate import CompletionBatch
-from .prefix_sharing import prefix_shared_states, rotate as _rotate
+from .prefix_sharing import rotate as _rotate, tree_states
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -232,20 +234,27 @@ def shared_prefix_length(batch: CompletionBatch) -> int:
     return limit if bool(same.all()) else int(same.int().argmin())
 
 
-def _prefix_sharing_applies(decoder: torch.nn.Module, batch: CompletionBatch) -> int:
-    """The shared prefix length to use on this batch, 0 when sharing does not apply: an unverified layer anywhere
-    in the stack, a sliding window shorter than the rows, gradient checkpointing, or too small a saving."""
+def _packed_path_ok(decoder: torch.nn.Module, longest: int) -> bool:
+    """Whether `prefix_sharing.tree_states` may run this decoder on sequences of up to `longest` tokens: a verified
+    layer everywhere in the stack, no sliding window shorter than that, no gradient checkpointing."""
     plan = last_layer_plan(decoder)
-    if plan is None or _checkpointing_drops_cache(decoder) or _PREFIX_OK.get(_decoder_key(decoder)) is False:
-        return 0
+    if plan is None or _checkpointing_drops_cache(decoder):
+        return False
     layer_cls, attention_cls, window_of = _families()[type(decoder)]
-    width = batch.input_ids.shape[1]
     for layer in decoder.layers[:decoder.config.num_hidden_layers]:
         if type(layer) is not layer_cls or type(layer.self_attn) is not attention_cls:
-            return 0
+            return False
         window = window_of(layer.self_attn)
-        if window is not None and window < width:
-            return 0
+        if window is not None and window < longest:
+            return False
+    return True
+
+
+def _prefix_sharing_applies(decoder: torch.nn.Module, batch: CompletionBatch) -> int:
+    """The shared prefix length to use on this batch, 0 when sharing does not apply (`_packed_path_ok`, a failed
+    check) or saves too little."""
+    if _PREFIX_OK.get(_decoder_key(decoder)) is False or not _packed_path_ok(decoder, batch.input_ids.shape[1]):
+        return 0
     prefix = shared_prefix_length(batch)
     return prefix if (len(batch) - 1) * prefix >= MIN_SHARED_PREFIX_SAVING else 0
 
@@ -257,8 +266,9 @@ def _prefix_shared_token_logprobs(decoder: torch.nn.Module, head: torch.nn.Modul
     scored = batch.completion_mask.bool() & batch.attention_mask.bool()   # [B, T]: token t is scored
     first = scored[:, prefix]                                            # predicted by the prefix's last state
     keep_rest = torch.nn.functional.pad(scored[:, prefix + 1:], (0, 1))  # rest column j predicts token prefix+j+1
-    prefix_last, states = prefix_shared_states(decoder, ids[0, :prefix], ids[:, prefix:],
-                                               batch.attention_mask[:, prefix:], bool(first.any()), keep_rest)
+    tree = tree_states(decoder, ids[0, :prefix], ids[:, prefix:], batch.attention_mask[:, prefix:], keep_rest,
+                       keep_prefix_last=bool(first.any()))
+    prefix_last, states = tree.prefix_last, tree.rows
     out = torch.zeros(ids[:, 1:].shape, dtype=prefix_last.dtype, device=ids.device)
     if prefix_last.shape[0]:
         logits = head(prefix_last).expand(int(first.sum()), -1)
@@ -283,6 +293,8 @@ def _prefix_checked(key: tuple[type, torch.dtype], parts: tuple[torch.nn.Module,
     against the decoder's own forward on the same rows; first use with gradients: the gradients of their sum for the
     last layer's parameters and one earlier one (`_probe_parameters`), through a second backward over this batch,
     once. A disagreement switches sharing off for the key for good."""
+    if _PREFIX_OK.get(key) and (key in _PREFIX_GRADS_OK or not fast.requires_grad):
+        return True  # checked already (gradients too, or none needed here)
     plain = functools.partial(_selected_token_logprobs, parts, batch, temperature)
     if key not in _PREFIX_OK:
         with torch.no_grad():
@@ -329,6 +341,9 @@ _LAST_LAYER_GRADS_OK: dict[tuple[type, torch.dtype], bool] = {}
 # Whether the shared-prefix pass (`prefix_sharing`) reproduces the decoder's forward, per (decoder class, dtype).
 _PREFIX_OK: dict[tuple[type, torch.dtype], bool] = {}
 _PREFIX_GRADS_OK: dict[tuple[type, torch.dtype], bool] = {}
+# Whether the packed shared-prompt pass reproduces the two-pass one, per (decoder class, dtype).
+_TREE_OK: dict[tuple[type, torch.dtype], bool] = {}
+_TREE_GRADS_OK: dict[tuple[type, torch.dtype], bool] = {}
 PROBE_ROWS = 2  # rows of the first batch whose gradients the last-layer check compares
 
 
@@ -524,17 +539,102 @@ def shared_prompt_hidden(decoder: torch.nn.Module, prompts: list[list[int]], com
     `keep` ([R, C] bool, C the longest completion), when given, marks the completion columns whose hidden state the
     caller reads; the others come back as zeros. On a decoder with a `last_layer_plan` (and a sliding window, if
     any, covering every key) the last layer then computes its outputs only there and at each prompt's last
-    position, keys and values everywhere (`decoder_states_at`)."""
+    position, keys and values everywhere (`decoder_states_at`).
+
+    On a decoder `prefix_sharing` can run (`_packed_path_ok`) the same states come from one packed pass instead
+    (`_packed_shared_prompt`: the prompts' common prefix once too, no second weight-gradient matmul per layer),
+    checked once per decoder class and dtype against the two-pass path, values and gradients (`_tree_checked`)."""
     counts = [len(cs) for cs in completions]
     if not counts or min(counts) < 1:
         raise ValueError("every prompt needs at least one completion")
+    c_width = max(len(c) for cs in completions for c in cs)
+    if keep is not None and tuple(keep.shape) != (sum(counts), c_width):
+        raise ValueError(f"keep has shape {tuple(keep.shape)}; expected (completions, longest completion) = "
+                         f"{(sum(counts), c_width)}")
+    longest = max(len(p) for p in prompts) + c_width
+    key = _decoder_key(decoder)
+    if _TREE_OK.get(key) is not False and _packed_path_ok(decoder, longest):
+        packed = _packed_shared_prompt(decoder, prompts, completions, pad_id, keep)
+        if _tree_checked(key, decoder, packed, keep, lambda: _two_pass_shared_prompt(decoder, prompts, completions,
+                                                                                       pad_id, None)):
+            return packed
+    return _two_pass_shared_prompt(decoder, prompts, completions, pad_id, keep)
+
+
+def _packed_shared_prompt(decoder: torch.nn.Module, prompts: list[list[int]], completions: list[list[list[int]]],
+                          pad_id: int, keep: torch.Tensor | None) -> SharedPromptHidden:
+    """`shared_prompt_hidden` in one packed pass (`prefix_sharing.tree_states`): the prompts' common prefix once,
+    each prompt's rest once, its completions on top; the same result layout (zeros where not kept)."""
+    device = next(decoder.parameters()).device
+    counts = torch.tensor([len(cs) for cs in completions], device=device)
+    shortest = min(len(p) for p in prompts)
+    prefix = 0  # the prompts' common prefix, leaving every prompt at least one token of its own
+    while prefix < shortest - 1 and all(p[prefix] == prompts[0][prefix] for p in prompts):
+        prefix += 1
+    rests = [p[prefix:] for p in prompts]
+    row_ids, row_mask = _right_padded(rests, pad_id, device)
+    keep_rows = torch.zeros_like(row_mask, dtype=torch.bool)
+    keep_rows[torch.arange(len(rests), device=device), row_mask.sum(1) - 1] = True  # each prompt's last state
+    flat = [c for cs in completions for c in cs]
+    comp_ids, comp_mask = _right_padded(flat, pad_id, device)
+    keep_comps = comp_mask.bool() if keep is None else keep.to(device).bool() & comp_mask.bool()
+    tree = tree_states(decoder, torch.tensor(prompts[0][:prefix], dtype=torch.long, device=device), row_ids,
+                       row_mask, keep_rows, completion_ids=comp_ids, completion_mask=comp_mask,
+                       owner=torch.arange(len(prompts), device=device).repeat_interleave(counts),
+                       keep_completions=keep_comps)
+    hidden = tree.completions.new_zeros((*comp_ids.shape, tree.completions.shape[-1]))
+    hidden[keep_comps] = tree.completions
+    return SharedPromptHidden(tree.rows.repeat_interleave(counts, dim=0), hidden, comp_ids, comp_mask)
+
+
+def _right_padded(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
+    for i, seq in enumerate(seqs):
+        ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long, device=device)
+        mask[i, :len(seq)] = 1
+    return ids, mask
+
+
+def _tree_checked(key: tuple[type, torch.dtype], decoder: torch.nn.Module, packed: SharedPromptHidden,
+                  keep: torch.Tensor | None, reference: Callable[[], SharedPromptHidden]) -> bool:
+    """Whether `packed` may be used: first use per decoder class and dtype, its prompt-last and kept states against
+    the two-pass path with the decoder's own forward (`reference()`); first use with gradients, also the gradients
+    of their sum for `_probe_parameters` (one more forward and backward over this batch, once). A disagreement
+    switches the packed path off for the key for good."""
+    if _TREE_OK.get(key) and (key in _TREE_GRADS_OK or not packed.hidden.requires_grad):
+        return True  # checked already (gradients too, or none needed here)
+    kept = packed.mask.bool() if keep is None else keep.to(packed.mask.device).bool() & packed.mask.bool()
+
+    def total(states: SharedPromptHidden) -> torch.Tensor:
+        return states.prompt_last.sum() + states.hidden[kept].sum()
+
+    if key not in _TREE_OK:
+        with torch.no_grad():
+            want = reference()
+        _TREE_OK[key] = bool(torch.allclose(packed.prompt_last.detach(), want.prompt_last, atol=1e-4, rtol=1e-4)
+                             and torch.allclose(packed.hidden.detach()[kept], want.hidden[kept], atol=1e-4,
+                                                rtol=1e-4))
+    params = _probe_parameters(decoder)
+    if _TREE_OK[key] and key not in _TREE_GRADS_OK and params and torch.is_grad_enabled() \
+            and packed.hidden.requires_grad:
+        ours = torch.autograd.grad(total(packed), params, retain_graph=True, allow_unused=True)
+        theirs = torch.autograd.grad(total(reference()), params, allow_unused=True)
+        ok = all((a is None) == (b is None) and (a is None or _grads_agree(a, b)) for a, b in zip(ours, theirs))
+        _TREE_GRADS_OK[key] = _TREE_OK[key] = ok
+    return _TREE_OK[key]
+
+
+def _two_pass_shared_prompt(decoder: torch.nn.Module, prompts: list[list[int]], completions: list[list[list[int]]],
+                            pad_id: int, keep: torch.Tensor | None) -> SharedPromptHidden:
+    """`shared_prompt_hidden` through the decoder's own forward: the prompts (left-padded), then the completions
+    on their repeated key/value cache."""
+    counts = [len(cs) for cs in completions]
     device = next(decoder.parameters()).device
     n, width = len(prompts), max(len(p) for p in prompts)
     flat = [c for cs in completions for c in cs]
     c_width = max(len(c) for c in flat)
-    if keep is not None and tuple(keep.shape) != (len(flat), c_width):
-        raise ValueError(f"keep has shape {tuple(keep.shape)}; expected (completions, longest completion) = "
-                         f"{(len(flat), c_width)}")
     plan = last_layer_plan(decoder) if keep is not None else None
     plan = plan if _window_allows(plan, prompts, completions) else None
     prompt_ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)

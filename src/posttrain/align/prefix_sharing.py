@@ -1,22 +1,29 @@
-"""One pass over rows that share a common prefix, the prefix's tokens computed once.
+"""One packed pass over rows that share prefixes: a batch-wide prefix, rows, and completions that share a row.
 
-Rows of a training batch often begin with the same tokens: the chat template's header, a system prompt. For a
-verified Llama-family decoder (the layer arithmetic `logprobs.last_layer_plan` vouches for) this module runs the
-decoder layer by layer itself, with the prefix's tokens and every row's own tokens packed into one token matrix, so
-each linear layer (projections, MLP) sees the prefix once and runs as one matmul; attention is split: the prefix
-attends causally to itself, each row's tokens to the prefix's keys and then causally to its own real tokens.
-A two-pass alternative (prefix through the model, then the rows on its key/value cache) computes the same values
-but pays a second, nearly full-size weight-gradient matmul per linear layer for the few prefix tokens, which
-cancelled the saving on small models.
+Rows of a training batch often begin with the same tokens (the chat template's header, a system prompt), and
+preference pairs share their prompt. For a verified Llama-family decoder (the layer arithmetic
+`logprobs.last_layer_plan` vouches for) this module runs the decoder layer by layer itself on a three-level tree:
 
-Guarantees: the states equal the model's own forward on the unshared rows up to float rounding (the caller checks
-this once per model class and dtype against the model's forward, values and gradients, and falls back for good
-otherwise); the last layer computes its queries, attention output and MLP only at the positions the caller keeps
-(keys and values everywhere), like `logprobs._last_layer_at`; nothing here handles sliding windows shorter than the
-rows, attention dropout, or gradient checkpointing: callers do not come here then.
+- level 0, an optional common prefix (positions 0..P-1), computed once for the whole batch;
+- level 1, n rows continuing it (positions P.., right-padded);
+- level 2, optional completions, each continuing one row (its `owner`) after that row's real tokens.
+
+Every token of every level is packed into one matrix, so each linear layer (projections, MLP) runs as one matmul
+and sees a shared token once; attention is split by level: a level's queries see the prefix, their row's real
+tokens and, causally, their own. A two-pass alternative (shared part through the model, then the rest on its
+key/value cache) computes the same values but pays a second, nearly full-size weight-gradient matmul per linear
+layer for the few shared tokens, which cancelled the saving on small models.
+
+Guarantees: the states equal the model's own forward on the unshared sequences up to float rounding (callers check
+this once per decoder class and dtype against a verified path, values and gradients, and fall back for good
+otherwise); the last layer computes its queries, attention output and MLP only at the positions kept (keys and
+values everywhere), like `logprobs._last_layer_at`. Sliding windows shorter than the sequences, attention dropout
+and gradient checkpointing are not handled here: callers do not come here then.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -36,72 +43,109 @@ def _attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, all
                                                             is_causal=causal, scale=scaling)
 
 
-def prefix_shared_states(decoder: torch.nn.Module, prefix_ids: torch.Tensor, rest_ids: torch.Tensor,
-                         rest_mask: torch.Tensor, keep_prefix_last: bool,
-                         keep_rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the prefix's last final-normed state [1, H] or [0, H] when not kept, the rows' final-normed states at
-    `keep_rest` [n, H], row-major).
+@dataclass
+class TreeStates:
+    """Final-normed states where they were kept, each level row-major."""
 
-    `prefix_ids` [P] sits at positions 0..P-1 of every row; `rest_ids` [B, C] (right-padded, `rest_mask` 1 on real
-    tokens) continues each row at positions P.. . Padding columns are computed and never attended to."""
-    p, (b, c) = prefix_ids.shape[0], rest_ids.shape
+    prefix_last: torch.Tensor  # [1, H], or [0, H] when not kept
+    rows: torch.Tensor         # [kept row positions, H]
+    completions: torch.Tensor  # [kept completion positions, H]
+
+
+def tree_states(decoder: torch.nn.Module, prefix_ids: torch.Tensor, row_ids: torch.Tensor, row_mask: torch.Tensor,
+                keep_rows: torch.Tensor, keep_prefix_last: bool = False, completion_ids: torch.Tensor | None = None,
+                completion_mask: torch.Tensor | None = None, owner: torch.Tensor | None = None,
+                keep_completions: torch.Tensor | None = None) -> TreeStates:
+    """The decoder's final states on the tree (module docstring), at the kept positions.
+
+    `prefix_ids` [P] (P may be 0); `row_ids`/`row_mask` [n, A] right-padded, every row with at least one real token
+    when P is 0; `keep_rows` [n, A] bool. Completions (optional): `completion_ids`/`completion_mask` [m, C]
+    right-padded, `owner` [m] the row each one continues, `keep_completions` [m, C]. Padding is computed and never
+    attended to."""
+    device = row_ids.device
+    p, (n, a) = int(prefix_ids.shape[0]), row_ids.shape
+    if completion_ids is None:
+        completion_ids = row_ids.new_zeros((0, 0))
+        completion_mask = row_mask.new_zeros((0, 0))
+        owner = torch.zeros(0, dtype=torch.long, device=device)
+        keep_completions = torch.zeros((0, 0), dtype=torch.bool, device=device)
+    m, c = completion_ids.shape
+    sizes = [p, n * a, m * c]
+    row_real, comp_real = row_mask.bool(), completion_mask.bool()
+    row_len = row_real.sum(1)
+    positions = torch.cat([torch.arange(p, device=device), (p + torch.arange(a, device=device)).repeat(n),
+                           (p + row_len[owner][:, None] + torch.arange(c, device=device)[None]).reshape(-1)])
+    x = decoder.embed_tokens(torch.cat([prefix_ids, row_ids.reshape(-1), completion_ids.reshape(-1)]))
+    cos, sin = decoder.rotary_emb(x[None], positions[None])
+    cos, sin = cos[0][:, None], sin[0][:, None]  # [N, 1, d]: per token, broadcast over heads
+    # Who sees whom (True = attend). Rows: the prefix, then their own real tokens causally; completions: the
+    # prefix, their row's real tokens, then their own causally. Padded queries still see something (finite softmax).
+    own_rows = torch.ones((a, a), dtype=torch.bool, device=device).tril()[None] & row_real[:, None, :]
+    rows_see = torch.cat([torch.ones((n, a, p), dtype=torch.bool, device=device), own_rows], dim=2)
+    own_comps = torch.ones((c, c), dtype=torch.bool, device=device).tril()[None] & comp_real[:, None, :]
+    comps_see = torch.cat([torch.ones((m, c, p), dtype=torch.bool, device=device),
+                           row_real[owner][:, None, :].expand(-1, c, -1), own_comps], dim=2)
     layers = decoder.layers[:decoder.config.num_hidden_layers]
-    x = decoder.embed_tokens(torch.cat([prefix_ids, rest_ids.reshape(-1)]))[None]  # [1, P + B*C, H]
-    h = x.shape[-1]
-    positions = torch.arange(p + c, device=rest_ids.device)[None]
-    cos, sin = decoder.rotary_emb(x, positions)  # [1, P + C, d]
-    cos_p, sin_p = cos[:, None, :p], sin[:, None, :p]  # [1, 1, P, d]
-    cos_r, sin_r = cos[:, None, p:], sin[:, None, p:]  # [1, 1, C, d]
-    # A row's query at column i sees the whole prefix and its own real columns <= i; padded queries see the prefix.
-    own = torch.ones((c, c), dtype=torch.bool, device=rest_ids.device).tril()[None] & rest_mask.bool()[:, None, :]
-    allowed = torch.cat([torch.ones((b, c, p), dtype=torch.bool, device=rest_ids.device), own], dim=2)[:, None]
-    x = x[0]
-    keep_rest = keep_rest.bool()
+    keeps = (keep_rows.bool(), keep_completions.bool())
     for index, layer in enumerate(layers):
         attention = layer.self_attn
         d = attention.head_dim
+        last = index == len(layers) - 1  # queries, attention output and MLP only at the kept positions
         normed = layer.input_layernorm(x)
-        # split (not slicing) keeps the backward a concatenation instead of zero-filled full-size gradients
-        k_p, k_r = attention.k_proj(normed).split([p, b * c])
-        v_p, v_r = attention.v_proj(normed).split([p, b * c])
-        k_p = rotate(k_p.view(1, p, -1, d).transpose(1, 2), cos_p, sin_p)  # [1, kv, P, d]
-        k_r = rotate(k_r.view(b, c, -1, d).transpose(1, 2), cos_r, sin_r)  # [B, kv, C, d]
-        v_p, v_r = v_p.view(1, p, -1, d).transpose(1, 2), v_r.view(b, c, -1, d).transpose(1, 2)
-        k_all = torch.cat([k_p.expand(b, -1, -1, -1), k_r], dim=2)  # [B, kv, P + C, d]
-        v_all = torch.cat([v_p.expand(b, -1, -1, -1), v_r], dim=2)
-        last = index == len(layers) - 1
-        if not last:
-            q_p, q_r = attention.q_proj(normed).split([p, b * c])
-            q_p = rotate(q_p.view(1, p, -1, d).transpose(1, 2), cos_p, sin_p)  # [1, heads, P, d]
-            q_r = rotate(q_r.view(b, c, -1, d).transpose(1, 2), cos_r, sin_r)  # [B, heads, C, d]
-            o_p = _attend(q_p, k_p, v_p, None, attention.scaling, causal=True)  # [1, heads, P, d]
-            o_r = _attend(q_r, k_all, v_all, allowed, attention.scaling)       # [B, heads, C, d]
-            attended = torch.cat([o_p[0].transpose(0, 1).reshape(p, -1),
-                                  o_r.transpose(1, 2).reshape(b * c, -1)])
-            x = x + attention.o_proj(attended)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-            continue
-        # Last layer: queries, attention output and MLP only where a state is read (keys/values above: everywhere).
-        parts = []
-        if keep_prefix_last:
-            q = attention.q_proj(normed[p - 1:p]).view(1, 1, -1, d).transpose(1, 2)
-            q = rotate(q, cos_p[..., p - 1:p, :], sin_p[..., p - 1:p, :])
-            o = _attend(q, k_p, v_p, None, attention.scaling)  # the last prefix query sees every prefix key
-            parts.append(x[p - 1:p] + attention.o_proj(o[0].transpose(0, 1).reshape(1, -1)))
-        counts = keep_rest.sum(1)
-        n = int(counts.max()) if b else 0
-        if n:
-            cols = torch.argsort((~keep_rest).to(torch.int8), dim=1, stable=True)[:, :n]  # kept columns first
-            valid = torch.arange(n, device=x.device)[None, :] < counts[:, None]
-            rows_x = x[p:].view(b, c, h)
-            take = cols[..., None].expand(-1, -1, h)
-            q = attention.q_proj(torch.gather(normed[p:].view(b, c, h), 1, take)).view(b, n, -1, d).transpose(1, 2)
-            q = rotate(q, torch.gather(cos_r.expand(b, -1, -1, -1), 2, cols[:, None, :, None].expand(-1, 1, -1, d)),
-                       torch.gather(sin_r.expand(b, -1, -1, -1), 2, cols[:, None, :, None].expand(-1, 1, -1, d)))
-            sees = torch.gather(allowed[:, 0], 1, cols[..., None].expand(-1, -1, p + c))[:, None]
-            o = _attend(q, k_all, v_all, sees, attention.scaling)
-            out = torch.gather(rows_x, 1, take) + attention.o_proj(o.transpose(1, 2).reshape(b, n, -1))
-            parts.append(out[valid])
-        x = torch.cat(parts) if parts else x.new_zeros((0, h))
+        keys = rotate(attention.k_proj(normed).view(x.shape[0], -1, d), cos, sin)
+        values = attention.v_proj(normed).view(x.shape[0], -1, d)
+        # split (not slicing): the backward is one concatenation instead of zero-filled full-size gradients
+        k0, k1, k2 = keys.split(sizes)
+        v0, v1, v2 = values.split(sizes)
+        k0, v0 = k0.transpose(0, 1)[None], v0.transpose(0, 1)[None]                         # [1, kv, P, d]
+        k1, v1 = k1.view(n, a, -1, d).transpose(1, 2), v1.view(n, a, -1, d).transpose(1, 2)  # [n, kv, A, d]
+        level_keys = [(torch.cat([k0.expand(n, -1, -1, -1), k1], dim=2),
+                       torch.cat([v0.expand(n, -1, -1, -1), v1], dim=2)), None]
+        if m * c:
+            k2, v2 = k2.view(m, c, -1, d).transpose(1, 2), v2.view(m, c, -1, d).transpose(1, 2)  # [m, kv, C, d]
+            level_keys[1] = (torch.cat([k0.expand(m, -1, -1, -1), k1[owner], k2], dim=2),
+                             torch.cat([v0.expand(m, -1, -1, -1), v1[owner], v2], dim=2))
+        outs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (residual, attention output) per level
+        if p and (not last or keep_prefix_last):
+            start = p - 1 if last else 0  # the last layer: only the prefix's last position (it sees every key)
+            q = rotate(attention.q_proj(normed[start:p]).view(p - start, -1, d), cos[start:p], sin[start:p])
+            o = _attend(q.transpose(0, 1)[None], k0, v0, None, attention.scaling, causal=not last)
+            outs.append((x[start:p], o[0].transpose(0, 1).reshape(p - start, -1)))
+        offset = p
+        for count, width, see, level, keep in ((n, a, rows_see, level_keys[0], keeps[0]),
+                                               (m, c, comps_see, level_keys[1], keeps[1])):
+            span = slice(offset, offset + count * width)
+            offset += count * width
+            if not count or not width:
+                continue
+            ks, vs = level
+            xs, zs = x[span].view(count, width, -1), normed[span].view(count, width, -1)
+            cs, ss = cos[span].view(count, width, 1, d), sin[span].view(count, width, 1, d)
+            valid = None
+            if last:  # each sequence's kept columns first, in order, padded to the sequence with most
+                counts = keep.sum(1)
+                k = int(counts.max())
+                if k == 0:
+                    continue
+                cols = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :k]
+                valid = torch.arange(k, device=device)[None, :] < counts[:, None]
+                xs, zs, cs, ss, see = (_take(z, cols) for z in (xs, zs, cs, ss, see))
+            q = rotate(attention.q_proj(zs).view(count, zs.shape[1], -1, d), cs, ss).transpose(1, 2)
+            o = _attend(q, ks, vs, see[:, None], attention.scaling).transpose(1, 2).reshape(count, zs.shape[1], -1)
+            if valid is not None:
+                xs, o = xs[valid], o[valid]
+            outs.append((xs.reshape(-1, xs.shape[-1]), o.reshape(-1, o.shape[-1])))
+        if not outs:
+            x = x[:0]
+            break
+        x = torch.cat([r for r, _ in outs]) + attention.o_proj(torch.cat([o for _, o in outs]))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return decoder.norm(x[:1] if keep_prefix_last else x[:0]), decoder.norm(x[1:] if keep_prefix_last else x)
+    x = decoder.norm(x)
+    prefix_last, rows, completions = x.split([int(p > 0 and keep_prefix_last), int(keeps[0].sum()),
+                                              int(keeps[1].sum())])
+    return TreeStates(prefix_last, rows, completions)
+
+
+def _take(z: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """z [B, T, ...] at columns `cols` [B, k] of each row."""
+    return torch.gather(z, 1, cols.view(*cols.shape, *([1] * (z.dim() - 2))).expand(-1, -1, *z.shape[2:]))
