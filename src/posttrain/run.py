@@ -79,15 +79,17 @@ def execute(config: RunConfig, *, view: str = "plain", console: Console | None =
     if config.model == "embedded" and agents is None:
         # Set-up, not a stage: building the embedded model (once, then cached) must not count against a stage's
         # progress watchdog, and the user should see it happen.
-        from .models.embedded import cache_root, embedded_dir_name, embedded_model_dir, is_built
+        from .models.embedded import RECIPE, cache_root, embedded_dir_name, embedded_model_dir, is_built
 
         build_log = None
         if not is_built(cache_root() / embedded_dir_name()):
             notice = console or Console(stderr=True)
             # Text, not a markup string: "[posttrain]" would be read as a style tag and vanish.
             notice.print(Text(
-                f"[posttrain] building the embedded model once (cached under {cache_root()}): under a minute "
-                "on an idle 2-core CPU (1,000 SFT steps), longer on a busy one"), highlight=False, soft_wrap=True)
+                f"[posttrain] building the embedded model once (cached under {cache_root()}): "
+                f"{RECIPE['train']['steps']:,} SFT steps, a minute or two on an idle 2-core CPU, several on a busy "
+                "one" + ("" if view == "quiet" else "; progress and the time left at the measured rate below")),
+                highlight=False, soft_wrap=True)
             if view != "quiet":  # progress lines (every 10% of the SFT steps), so a long first build is visibly alive
                 build_log = lambda msg: notice.print(Text(f"[posttrain] embedded: {msg}"),  # noqa: E731
                                                      highlight=False, soft_wrap=True)
