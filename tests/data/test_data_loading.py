@@ -50,6 +50,21 @@ def test_jsonl_bad_json_names_file_and_line(tmp_path):
     assert str(e.value).startswith(f"{path}: row 3: expected a JSON object, got invalid JSON")
 
 
+@pytest.mark.parametrize("line, phrase", [
+    ('{"text": "a\tb"}\n', "Invalid control character at column 12"),  # the decoder's message ends in "at"
+    ('{"text": "abc', "Unterminated string starting at column 10"),  # so does this one (last line, no newline)
+    ('{"text": 1,}\n', "Expecting property name enclosed in double quotes at column 12"),
+])
+def test_jsonl_bad_json_reads_as_one_phrase(tmp_path, line, phrase):
+    # Regression: "Invalid control character at at column 56" (the decoder's trailing "at" plus ours).
+    path = tmp_path / "d.jsonl"
+    path.write_text(line)
+    with pytest.raises(DataError) as e:
+        load_records(str(path))
+    assert f"invalid JSON ({phrase}): " in e.value.got
+    assert " at at " not in str(e.value)
+
+
 def test_jsonl_line_that_is_not_an_object(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "a"}\n["text", "b"]\n')
@@ -140,6 +155,14 @@ def test_json_invalid(tmp_path):
         load_records(str(path))
     assert e.value.row is None
     assert "line 2" in e.value.got
+
+
+def test_json_invalid_control_character_says_at_once(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[{"a": 1},\n {"a": "x\ty"}]')
+    with pytest.raises(DataError) as e:
+        load_records(str(path))
+    assert e.value.got == "invalid JSON (Invalid control character at line 2, column 10)"
 
 
 def test_parquet(tmp_path):

@@ -106,6 +106,15 @@ def _load_file(path: Path, split: str | None, limit: int | None, *, from_dir: bo
 
 # ---------------------------------------------------------------------------------------------------- JSON Lines
 
+def json_problem(e: json.JSONDecodeError, *, line: bool) -> str:
+    """The decoder's message with its position, read as one phrase: "Expecting value at column 7",
+    "Invalid control character at line 3, column 9". Some of the decoder's messages already end in "at"
+    ("Invalid control character at", "Unterminated string starting at"); that "at" is not repeated."""
+    msg = e.msg[:-3] if e.msg.endswith(" at") else e.msg
+    where = f"line {e.lineno}, column {e.colno}" if line else f"column {e.colno}"
+    return f"{msg} at {where}"
+
+
 def _parse_jsonl(lines: Iterable[bytes], shown: str, limit: int | None) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     first_blank: int | None = None
@@ -133,7 +142,7 @@ def _parse_object(text: str, shown: str, lineno: int) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(shown, lineno, None, "a JSON object",
-                        f"invalid JSON ({e.msg} at column {e.colno}): {describe(text.strip())}") from None
+                        f"invalid JSON ({json_problem(e, line=False)}): {describe(text.strip())}") from None
     if not isinstance(value, dict):
         raise DataError(shown, lineno, None, "a JSON object", describe(value))
     return value
@@ -163,7 +172,7 @@ def _read_json(path: Path, shown: str, split: str | None, limit: int | None) -> 
             # Many datasets ship JSON Lines under a .json name; read it as such (as `datasets` does).
             return _parse_jsonl(data.splitlines(), shown, limit), None
         raise DataError(shown, None, None, "a JSON array of objects, or an object holding one",
-                        f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+                        f"invalid JSON ({json_problem(e, line=True)})") from None
     used_split = None
     if isinstance(value, dict):
         value, used_split = _pick_list(value, shown, split)
