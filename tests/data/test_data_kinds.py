@@ -1,7 +1,7 @@
 import pytest
 
 from posttrain.data.errors import DataError
-from posttrain.data.kinds import SAMPLE, detect_kind, kind_of
+from posttrain.data.kinds import SAMPLE, a_kind, detect_kind, kind_of
 from posttrain.data.schema import DataKind
 
 MSGS = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
@@ -46,7 +46,7 @@ def test_detect_kind_mixed_rows_name_the_first_disagreeing_row():
     records = [{"prompt": "q", "completion": "a"}] * 10 + [{"prompt": "q", "chosen": "a", "rejected": "b"}]
     with pytest.raises(DataError) as e:
         detect_kind(records, "mix.jsonl")
-    assert (e.value.row, e.value.expected) == (11, "the fields of a sft row, like row 1")
+    assert (e.value.row, e.value.expected) == (11, "the fields of an sft row, like row 1")
     assert e.value.got == "fields 'prompt', 'chosen', 'rejected' (a preference row)"
 
 
@@ -70,3 +70,18 @@ def test_detect_kind_empty():
     with pytest.raises(DataError) as e:
         detect_kind([], "empty.jsonl")
     assert (e.value.row, e.value.expected, e.value.got) == (None, "at least one row", "no rows")
+
+
+def test_every_kind_name_takes_the_article_it_is_said_with():
+    # Regression: "the fields of a sft row" ("sft" is said ess-eff-tee: "an sft").
+    assert {kind: a_kind(kind) for kind in DataKind} == {
+        DataKind.PREFERENCE: "a preference", DataKind.VERIFIABLE: "a verifiable", DataKind.SFT: "an sft",
+        DataKind.UNPAIRED: "an unpaired"}
+
+
+def test_detect_kind_mixed_rows_use_the_right_article_for_the_other_kind():
+    records = [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 3 + [{"prompt": "q", "completion": "a", "label": True}]
+    with pytest.raises(DataError) as e:
+        detect_kind(records, "mix.jsonl")
+    assert e.value.expected == "the fields of a preference row, like row 1"
+    assert e.value.got == "fields 'prompt', 'completion', 'label' (an unpaired row)"

@@ -41,6 +41,12 @@ def accepted_field_sets() -> str:
     return "; ".join(f"{kind.value}: {', '.join(sets)}" for kind, sets in ACCEPTED_FIELDS.items())
 
 
+def a_kind(kind: DataKind) -> str:
+    """The kind's name with its indefinite article, as said aloud: "a preference", "an sft", "an unpaired"."""
+    # "sft" is spelled out letter by letter (ess-eff-tee), so it takes "an" although it starts with a consonant.
+    return f"{'an' if kind.value[0] in 'aeiou' or kind is DataKind.SFT else 'a'} {kind.value}"
+
+
 def _fields(record: object) -> str:
     return describe_fields(record) if isinstance(record, dict) else f"a {type(record).__name__}, not an object"
 
@@ -61,6 +67,6 @@ def detect_kind(records: list[dict], source: str) -> DataKind:
         # A row with the fields of no kind is left to `validate`, which names the exact missing field; a row of
         # another kind is a mixed file, which only this look across rows can tell.
         if other is not None and other is not kind:
-            raise DataError(source, i + 1, None, f"the fields of a {kind.value} row, like row 1",
-                            f"{_fields(records[i])} (a {other.value} row)")
+            raise DataError(source, i + 1, None, f"the fields of {a_kind(kind)} row, like row 1",
+                            f"{_fields(records[i])} ({a_kind(other)} row)")
     return kind
