@@ -35,6 +35,28 @@ def test_override_without_value_is_an_error():
         parse_overrides(["--train.lr"])
 
 
+@pytest.mark.parametrize("args, message", [
+    # Regression: an unknown flag without a value was reported as "override --bogus has no value".
+    (["--bogus"], "command-line flag --bogus: unknown key"),
+    (["--train.lr", "1e-4", "--stpes"], "command-line flag --stpes: unknown key (did you mean --train.steps?)"),
+    (["--train.stpes"], "command-line flag --train.stpes: unknown key (did you mean --train.steps?)"),
+    (["--trian-steps", "--train.lr", "1e-4"], "command-line flag --trian-steps: unknown key (did you mean "
+                                              "--train.steps?)"),
+    # A known key without a value, also when another flag follows it (that flag is not its value).
+    (["--train.steps", "--train.lr", "1e-4"], "override --train.steps has no value (it is followed by the flag "
+                                              "--train.lr)"),
+    (["--evaluate.gate.task"], "override --evaluate.gate.task has no value"),  # inside a free-form dict: known
+])
+def test_a_flag_without_a_value_reports_an_unknown_key_first(args, message):
+    with pytest.raises(ConfigError) as info:
+        parse_overrides(args)
+    assert str(info.value) == message
+
+
+def test_a_value_that_is_not_a_flag_is_still_taken():
+    assert parse_overrides(["--train.lr", "-1e-4", "--seed", "-3"]) == {"train.lr": -1e-4, "seed": -3}
+
+
 def test_packaged_demo_config_is_valid():
     from posttrain.cli import _demo_config_path
 

@@ -227,7 +227,11 @@ class ConfigError(ValueError):
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """`["--train.lr", "1e-4", "--method=dpo"]` -> {"train.lr": 1e-4, "method": "dpo"} (values parsed as YAML)."""
+    """`["--train.lr", "1e-4", "--method=dpo"]` -> {"train.lr": 1e-4, "method": "dpo"} (values parsed as YAML).
+
+    A flag without a value (the last argument, or followed by another `--flag`) is a ConfigError: an unknown key
+    is reported as unknown, with the closest known keys (`--bogus`, `--stpes --train.lr 1e-4`), as `load_config`
+    reports an unknown key that has a value; a known key as having no value."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -236,13 +240,22 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             raise ConfigError(f"unexpected argument {arg!r}: overrides look like --key.sub value or --key.sub=value")
         key, eq, value = arg[2:].partition("=")
         if not eq:
-            if i + 1 >= len(args):
-                raise ConfigError(f"override --{key} has no value")
+            if i + 1 >= len(args) or _looks_like_flag(args[i + 1]):
+                if is_unknown_key(key.replace("-", "_")):
+                    raise ConfigError(f"command-line flag --{key}: unknown key"
+                                      f"{did_you_mean(key.replace('-', '_'), flag=True)}")
+                follows = f" (it is followed by the flag {args[i + 1]})" if i + 1 < len(args) else ""
+                raise ConfigError(f"override --{key} has no value{follows}")
             i += 1
             value = args[i]
         out[key.replace("-", "_")] = _scalar(value)
         i += 1
     return out
+
+
+def _looks_like_flag(arg: str) -> bool:
+    """`--key...`: another override, never a value (no config value starts with two dashes and a letter)."""
+    return len(arg) > 2 and arg.startswith("--") and arg[2].isalpha()
 
 
 def _scalar(text: str) -> Any:
@@ -288,6 +301,19 @@ def known_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str
         if section is not None:
             keys.extend(known_keys(section, f"{prefix}{name}."))
     return keys
+
+
+def is_unknown_key(dotted: str) -> bool:
+    """True when a part of `dotted` names no field of the configuration (`bogus`, `trian.steps`, `train.stpes`).
+    A key inside a free-form value (`evaluate.gate.task`) is not unknown here: validation decides about it."""
+    model: type[BaseModel] | None = RunConfig
+    for part in dotted.split("."):
+        if model is None:
+            return False
+        if part not in model.model_fields:
+            return True
+        model = _section_model(model.model_fields[part].annotation)
+    return False
 
 
 def _field(dotted: str) -> Any:
