@@ -41,6 +41,12 @@ def _cli(args, capsys):
 def test_runs_prints_one_aligned_line_per_run_oldest_first(runs, capsys):
     code, lines, err = _cli(["runs", "--runs-dir", str(runs)], capsys)
     assert code == 0 and err == ""
+    # A header row names the columns (regression: there was none), each over its column.
+    header, lines = lines[0], lines[1:]
+    assert header.split() == ["run", "status", "method", "wall", "directory"]
+    assert [header.index(name) for name in ("status", "method", "directory")] == [
+        lines[0].index(" failed") + 1, lines[0].index(" - ") + 1, lines[0].index(str(runs))]
+    assert header.index("wall") + len("wall") == lines[0].index("7.0s") + len("7.0s")  # right-aligned, as the times
     # The three built runs start at the same instant (ties go by run id); a log that cannot be read comes last.
     assert [line.split() for line in lines] == [
         ["run-failed", "failed", "-", "7.0s", str(runs / "b-failed")],
@@ -98,6 +104,27 @@ def test_show_of_a_missing_run_exits_2_naming_both_places(runs, capsys):
     assert err.strip() == (f"posttrain: no run 'nope': neither nope nor {runs / 'nope'} holds an events.sqlite")
 
 
+def test_show_of_a_missing_run_names_one_place_once(runs, capsys):
+    # Regression: `posttrain show /tmp` said "neither /tmp nor /tmp holds an events.sqlite".
+    where = runs / "empty-dir"
+    code, lines, err = _cli(["show", str(where), "--runs-dir", str(runs)], capsys)
+    assert code == 2 and lines == []
+    assert err.strip() == f"posttrain: no run {str(where)!r}: {where} holds no events.sqlite"
+
+
+def test_embedded_subcommands_name_themselves_in_their_help(capsys):
+    # Regression: `posttrain embedded build --help` printed "usage: posttrain embedded ...".
+    for action, flags in (("build", " [-h] [--force]"), ("path", " [-h]")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["embedded", action, "--help"])
+        assert exit_.value.code == 0
+        assert capsys.readouterr().out.splitlines()[0] == f"usage: posttrain embedded {action}{flags}"
+    with pytest.raises(SystemExit) as exit_:
+        main(["embedded", "path", "--force"])  # rebuilding is build's option only
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --force" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_show_and_runs_on_a_real_run_that_failed_on_bad_data(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -126,5 +153,6 @@ def test_show_and_runs_on_a_real_run_that_failed_on_bad_data(tmp_path, capsys, m
 
     code, listed, _ = _cli(["runs", "--runs-dir", str(tmp_path / "runs")], capsys)
     assert code == 0
-    assert [line.split() for line in listed] == [[report["run_id"], "failed", "-", f"{report['wall_s']:.1f}s",
+    assert [line.split() for line in listed] == [["run", "status", "method", "wall", "directory"],
+                                                 [report["run_id"], "failed", "-", f"{report['wall_s']:.1f}s",
                                                   str(run_dir)]]

@@ -8,6 +8,7 @@
     posttrain compress --model M --method METHOD [--calibration FILE] --out DIR
     posttrain eval --model M --benchmarks mmlu,gsm8k,... --data-dir DIR [--limit N] [--output FILE.json]
     posttrain embedded build [--force]   (re)build the cached embedded model
+    posttrain embedded path              the cached embedded model's directory (built first if needed)
 
 Contract: `demo` and `run` print the run directory's path as the last line of stdout; their exit status is 0 when
 the run succeeded, 1 when it failed, 2 for a usage or configuration error. A failed run also says why on stderr,
@@ -97,6 +98,8 @@ def _resolve_run(run: str, runs_dir: str) -> Path:
     candidate = Path(runs_dir) / run
     if (candidate / "events.sqlite").exists():
         return candidate
+    if candidate == path:  # an absolute RUN, or --runs-dir . : one place was looked at, say it once
+        raise FileNotFoundError(f"no run {run!r}: {path} holds no events.sqlite")
     raise FileNotFoundError(f"no run {run!r}: neither {path} nor {candidate} holds an events.sqlite")
 
 
@@ -122,10 +125,16 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no runs under {args.runs_dir}")
         return 0
+    print(_runs_line("run", "status", "method", "wall", "directory"))
     for r in runs:
         wall = f"{r['wall_s']:.1f}s" if r.get("wall_s") is not None else "-"
-        print(f"{r['run_id']:<40} {r['status']:<10} {str(r.get('method') or '-'):<6} {wall:>8}  {r['dir']}")
+        print(_runs_line(r["run_id"], r["status"], str(r.get("method") or "-"), wall, str(r["dir"])))
     return 0
+
+
+def _runs_line(run_id: str, status: str, method: str, wall: str, directory: str) -> str:
+    """One line of `posttrain runs`, the header included: the same columns, so the header sits over them."""
+    return f"{run_id:<40} {status:<10} {method:<6} {wall:>8}  {directory}"
 
 
 def _humaneval_sampling(num_samples: int | None, ks: str | None, names: list[str]) -> dict:
@@ -337,8 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("runs", help="list runs")
     p.add_argument("--runs-dir", default="runs")
     p = sub.add_parser("embedded", help="the embedded default model")
-    p.add_argument("action", choices=["build", "path"])
-    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    # Subcommands, not a choice argument: `posttrain embedded build --help` then names itself in its usage line.
+    actions = p.add_subparsers(dest="action", metavar="{build,path}", required=True)
+    b = actions.add_parser("build", help="build the embedded model (once; then cached)",
+                           description="build the embedded model (once; then cached) and print its directory")
+    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    actions.add_parser("path", help="print the embedded model's directory (building it first if needed)",
+                       description="print the embedded model's directory (building it first if needed)")
     return parser
 
 
