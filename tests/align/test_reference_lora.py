@@ -62,7 +62,7 @@ def test_dpo_step_zero_is_exact_in_every_reference_mode(tiny_tokenizer, make_lla
     first = result.history[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert first["rewards/margins"] == 0.0 and first["rewards/accuracies"] == 0.0
-    assert first["kl"] == 0.0
+    assert first["policy_ref_logratio"] == 0.0
 
 
 def test_auto_resolves_by_adapter_state(make_llama):

@@ -46,6 +46,21 @@ def test_dpo_first_step_is_ln2_and_every_parameter_changes(tiny_tokenizer, items
     assert _all_changed(model, before) == []
 
 
+def test_dpo_logs_the_policy_reference_log_ratio_under_its_own_name(tiny_tokenizer, items, make_llama):
+    # Regression: DPO logged the mean policy-minus-reference log-ratio of the dataset's completions as `kl`; it is
+    # no KL estimate (the completions are not the policy's samples) and goes negative. It is the mean over both
+    # sides, so with DPO's rewards β·(log π − log π_ref) it equals (rewards/chosen + rewards/rejected) / 2β.
+    beta = 0.1
+    rows = arithmetic.preference_rows(items, seed=0)
+    result = train_dpo(make_llama(), tiny_tokenizer, rows, TrainOptions(steps=3, batch_size=4, lr=1e-2), beta=beta)
+    assert all("kl" not in m for m in result.history)
+    assert result.history[0]["policy_ref_logratio"] == 0.0
+    for m in result.history[1:]:
+        assert m["policy_ref_logratio"] != 0.0  # the policy moved
+        assert m["policy_ref_logratio"] == pytest.approx((m["rewards/chosen"] + m["rewards/rejected"]) / (2 * beta),
+                                                         rel=1e-4, abs=1e-6)
+
+
 def test_dpo_precomputed_reference_matches_frozen_copy(tiny_tokenizer, items, make_llama):
     rows = arithmetic.preference_rows(items[:16], seed=0)
     runs = []
@@ -128,7 +143,7 @@ def test_length_normalised_methods_train_every_parameter(method, first_loss, tin
     assert all(math.isfinite(h["loss"]) for h in result.history)
     if first_loss is not None:
         assert result.history[0]["loss"] == pytest.approx(first_loss, abs=1e-5)
-        assert result.history[0]["kl"] == 0.0
+        assert result.history[0]["policy_ref_logratio"] == 0.0
 
 
 def test_common_prefix_moves_into_the_prompt_for_length_normalised_losses(tiny_tokenizer, items):

@@ -31,6 +31,13 @@ from .sft import pad_id_of
 PreferenceMethod = Literal["dpo", "ipo", "simpo", "orpo"]
 NEEDS_REFERENCE = {"dpo": True, "ipo": True, "simpo": False, "orpo": False}
 LENGTH_NORMALISED = {"dpo": False, "ipo": True, "simpo": True, "orpo": True}
+# The mean, over the chosen and the rejected completions of the window's pairs, of the summed completion log-prob
+# under the policy minus that under the reference: log π(y|x) − log π_ref(y|x) per sequence. It is 0 at step 0 and
+# goes negative when training lowers the likelihood of the dataset's completions (DPO usually lowers both sides).
+# It is not a KL estimate: the completions come from the dataset, not from the policy, so its mean does not
+# estimate E_{y~π}[log π − log π_ref]; (GRPO's `kl`, on the policy's own samples, and KTO's `kl`, its z₀ reference
+# point, are their methods' KL estimates and keep that name.)
+POLICY_REF_LOGRATIO = "policy_ref_logratio"
 
 
 @dataclass
@@ -134,7 +141,11 @@ def pair_losses(method: PreferenceMethod, settings: PreferenceSettings, logps: t
 def train_preference(model: Any, tokenizer: Any, rows: Sequence[dict], options: TrainOptions,
                      settings: PreferenceSettings | None = None,
                      on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
-    """Train `model` in place on normalised preference rows ({"prompt", "chosen", "rejected"})."""
+    """Train `model` in place on normalised preference rows ({"prompt", "chosen", "rejected"}).
+
+    Metrics per step (means over the window's pairs): loss, rewards/chosen, rewards/rejected, rewards/margins,
+    rewards/accuracies, logps/chosen, logps/rejected (summed completion log-probs) and, for the methods with a
+    reference (DPO, IPO), `policy_ref_logratio` (see POLICY_REF_LOGRATIO)."""
     settings = settings or PreferenceSettings()
     method = settings.method
     set_seed(options.seed)
@@ -174,8 +185,8 @@ def train_preference(model: Any, tokenizer: Any, rows: Sequence[dict], options: 
         out.add_metric("logps/chosen", float(logps[:n].detach().sum()), n)
         out.add_metric("logps/rejected", float(logps[n:].detach().sum()), n)
         if ref is not None:
-            # Mean per-sequence log-ratio to the reference: 0 at step 0 in every reference mode (pitfall 17).
-            out.add_metric("kl", float((logps.detach() - ref).sum()), 2 * n)
+            # 0 at step 0 in every reference mode (pitfall 17); not a KL (see POLICY_REF_LOGRATIO).
+            out.add_metric(POLICY_REF_LOGRATIO, float((logps.detach() - ref).sum()), 2 * n)
         return out
 
     engine = Engine(model, options, tokenizer=tokenizer)
