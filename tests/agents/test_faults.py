@@ -148,6 +148,20 @@ def test_successful_run_stage_order_and_one_completion_per_assignment(tmp_path):
     assert _types(outcome.run_dir).count("run.finished.v1") == 1
 
 
+@pytest.mark.parametrize("trainer", [StandIn("trainer"), Crashes("trainer")], ids=["succeeded", "failed"])
+def test_a_finished_run_folder_holds_its_log_as_one_file(tmp_path, trainer, capsys):
+    # Regression: events.sqlite-wal and -shm were left next to events.sqlite (made again by the report's read-only
+    # reader after the writer had removed them); reading the run afterwards must not make them either.
+    from posttrain.cli import main
+
+    outcome, _ = _run(tmp_path, trainer, max_attempts=1)
+    assert outcome.status == ("succeeded" if type(trainer) is StandIn else "failed")
+    logs = lambda: sorted(p.name for p in outcome.run_dir.iterdir() if p.name.startswith("events"))  # noqa: E731
+    assert logs() == ["events.sqlite"]
+    assert main(["show", str(outcome.run_dir)]) == 0 and main(["runs", "--runs-dir", str(tmp_path)]) == 0
+    assert logs() == ["events.sqlite"]
+
+
 def test_hung_agent_ends_the_run_with_a_clear_reason(tmp_path):
     outcome, wall = _run(tmp_path, Hangs("trainer"))
     assert outcome.status == "failed"

@@ -120,9 +120,49 @@ def test_log_is_idempotent_on_event_id_and_uses_wal(tmp_path):
     env = _note("x", "once")
     assert log.append(env) == log.append(env) == 1
     assert len(log.read()) == 1
+    assert log._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # while it is written
     log.close()
-    mode = sqlite3.connect(tmp_path / "e.sqlite").execute("PRAGMA journal_mode").fetchone()[0]
-    assert mode == "wal"
+
+
+def _log_files(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("e.sqlite"))
+
+
+def test_a_closed_log_is_one_file_and_reading_it_later_creates_no_wal_files(tmp_path):
+    # Regression: finished runs kept events.sqlite-wal and -shm: the writer removed them on close, and the first
+    # read-only reader after it (the report) made them again and, being read-only, could not remove them.
+    log = EventLog(tmp_path / "e.sqlite")
+    log.append(_note("x", "one"))
+    assert _log_files(tmp_path) == ["e.sqlite", "e.sqlite-shm", "e.sqlite-wal"]
+    log.close()
+    assert _log_files(tmp_path) == ["e.sqlite"]
+    assert [e.envelope.data["text"] for e in read_events(tmp_path / "e.sqlite")] == ["one"]
+    assert _log_files(tmp_path) == ["e.sqlite"]
+    assert sqlite3.connect(tmp_path / "e.sqlite").execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_close_waits_for_a_reader_holding_the_log_open_then_leaves_one_file(tmp_path):
+    log = EventLog(tmp_path / "e.sqlite")
+    log.append(_note("x", "one"))
+    reader = sqlite3.connect(f"file:{tmp_path / 'e.sqlite'}?mode=ro", uri=True,  # e.g. another process watching
+                             check_same_thread=False)
+    assert reader.execute("SELECT count(*) FROM events").fetchone() == (1,)
+    threading.Timer(0.2, reader.close).start()
+    log.close()  # retries leaving WAL mode until the reader has gone
+    assert _log_files(tmp_path) == ["e.sqlite"]
+
+
+def test_close_with_a_reader_that_stays_keeps_every_event(tmp_path, monkeypatch):
+    monkeypatch.setattr("posttrain.bus.log.CLOSE_SWITCH_S", 0.05)
+    log = EventLog(tmp_path / "e.sqlite")
+    log.append(_note("x", "one"))
+    reader = sqlite3.connect(f"file:{tmp_path / 'e.sqlite'}?mode=ro", uri=True)
+    reader.execute("SELECT count(*) FROM events").fetchone()
+    log.close()  # the switch cannot happen: closed in WAL mode, complete
+    assert [e.envelope.data["text"] for e in read_events(tmp_path / "e.sqlite")] == ["one"]
+    reader.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        log.append(_note("x", "two"))
 
 
 def test_log_columns_match_the_contract(tmp_path):

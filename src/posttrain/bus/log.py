@@ -1,10 +1,15 @@
-"""The run's event log: one SQLite file (WAL mode), the single source of truth of a run.
+"""The run's event log: one SQLite file (WAL mode while it is written), the single source of truth of a run.
 
 Guarantees:
 - `append` commits an event before it returns, so an event is durable before it is delivered;
 - `seq` is assigned by the log, strictly increasing, and gives the global order;
 - appending the same event id twice is a no-op (returns the existing seq): delivery can be at-least-once;
-- readers (`read`, `EventLog.open_readonly`) never block the writer (WAL), so live views can poll a running log.
+- readers (`read`, `read_events`) never block the writer (WAL), so live views can poll a running log;
+- a closed log is one file: `close` takes it out of WAL mode (every event is then in events.sqlite), so no
+  events.sqlite-wal / -shm files are left next to it, and a read-only reader opened later (the report, `posttrain
+  show`) does not create them again (one would, on a log left in WAL mode, and could not remove them: only a
+  connection that can write checkpoints and deletes them). When another process holds the log open at close time
+  the switch is retried for up to `CLOSE_SWITCH_S` seconds, then the log is closed as it is: complete, in WAL mode.
 
 Table `events`: seq, id, type, source, target, topic, subject, time, run_id, correlation_id, causation_id,
 data (JSON text), dataref.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -40,6 +46,8 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_type ON events(type);
 CREATE INDEX IF NOT EXISTS events_correlation ON events(correlation_id);
 """
+
+CLOSE_SWITCH_S = 2.0  # how long `close` retries leaving WAL mode while another connection holds the log open
 
 _COLUMNS = ("seq", "id", "type", "source", "target", "topic", "subject", "time", "run_id", "correlation_id",
             "causation_id", "data", "dataref", "specversion")
@@ -101,10 +109,30 @@ class EventLog:
             return _query(self._conn, after_seq, types)
 
     def close(self) -> None:
+        """Close the writer, leaving the log as one file (see the module docstring). Idempotent."""
         with self._lock:
             if not self._closed:
                 self._closed = True
-                self._conn.close()
+                try:
+                    _leave_wal(self._conn)
+                finally:
+                    self._conn.close()
+
+
+def _leave_wal(conn: sqlite3.Connection) -> bool:
+    """Switch to the rollback journal (DELETE), which checkpoints the WAL into the main file and removes the -wal
+    and -shm files; True when it did. An idle reader in another connection makes the switch fail at once ("database
+    is locked", no busy wait), so it is retried until `CLOSE_SWITCH_S` has passed."""
+    deadline = time.monotonic() + CLOSE_SWITCH_S
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode=DELETE").fetchone()[0].lower() == "delete":
+                return True
+        except sqlite3.OperationalError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
 
 
 def _query(conn: sqlite3.Connection, after_seq: int, types: tuple[str, ...] | None) -> list[LoggedEvent]:
