@@ -99,6 +99,28 @@ def test_a_run_without_run_finished_is_failed_and_says_why(tmp_path):
     assert "| train | running | not measured |" in md and "| loss | non-finite |" in md
 
 
+@pytest.mark.parametrize("profile, expected", [
+    # Regression: the rows preparation dropped were in report.json only, not in report.md nor the run's summary.
+    ({"rows": 994, "dropped": {"empty_response": 2, "identical_pair": 4}},
+     ["- dropped while preparing: 6 of 1000 rows read (empty_response: 2, identical_pair: 4)"]),
+    ({"rows": 40, "dropped": {}, "eval_rows": 7, "eval_dropped": {"empty_response": 1}},
+     ["- dropped while preparing: none", "- dropped from the evaluation data: 1 of 8 rows read (empty_response: 1)"]),
+    ({"duplicates": 0}, []),  # nothing recorded (an older log): nothing said
+])
+def test_report_md_lists_the_rows_data_preparation_dropped(tmp_path, profile, expected):
+    w = runlogs.Writer(tmp_path / "d", run_id="run-data")
+    runlogs.start(w)
+    w.emit(1.0, "data.profiled.v1", "data", {"source": "pairs.jsonl", "kind": "preference", "rows": 25,
+                                             "profile": profile})
+    w.emit(2.0, "run.finished.v1", "coordinator", {"status": "succeeded"})
+    w.close()
+    md_path, json_path = write_report(tmp_path / "d")
+    assert json.loads(json_path.read_text())["data"]["profile"] == profile
+    lines = md_path.read_text().splitlines()
+    section = lines[lines.index("## Data"):lines.index("## Accuracy")]
+    assert section == ["## Data", "", "- source: `pairs.jsonl`", "- kind: preference", "- rows: 25", *expected, ""]
+
+
 def test_missing_log_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="events.sqlite"):
         build_report(tmp_path / "nope")

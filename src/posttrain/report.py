@@ -12,6 +12,9 @@ Guarantees:
   a stage run again after the evaluation gate rejected a compressed model is `compress#2`, `evaluate#2`, ... after
   the earlier attempts, whose evaluate reads status "rejected";
 - the accuracies are each model's last measurement: after a gate fallback, `compressed` is the kept artifact's.
+- the rows data preparation dropped are said in report.md's Data section, per reason, as the data profile in the
+  log records them (`data.profile.dropped`, and `eval_dropped` for separate evaluation data); report.md is also
+  what `posttrain run` and `posttrain demo` print at the end of a run.
 
 report.json keys: run_id, status, interrupted, method, rationale, runner_up, accuracy {base, aligned, compressed}
 each {value, n, metric} or null, sizes_bytes {aligned, compressed}, stages [{name, status, wall_s}], error
@@ -186,7 +189,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if r.get("data"):
         d = r["data"]
         lines += ["## Data", "", f"- source: `{d.get('source')}`", f"- kind: {d.get('kind')}",
-                  f"- rows: {d.get('rows')}", ""]
+                  f"- rows: {d.get('rows')}", *_dropped_lines(d.get("profile") or {}), ""]
     lines += ["## Accuracy", "", "| model | accuracy | n | metric |", "|---|---|---|---|"]
     for model in MODELS:
         a = r["accuracy"].get(model)
@@ -253,6 +256,26 @@ def render_markdown(report: dict[str, Any]) -> str:
     if r.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n['source']}: {n['text']}" for n in r["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _dropped_lines(profile: dict[str, Any]) -> list[str]:
+    """The rows data preparation dropped, per reason, as the data profile records them ("dropped", and
+    "eval_dropped" for separate evaluation data): one line each; none when the profile records nothing."""
+    lines = []
+    for key, what in (("dropped", "dropped while preparing"), ("eval_dropped", "dropped from the evaluation data")):
+        dropped = profile.get(key)
+        if dropped is None:
+            continue
+        if not dropped:
+            lines.append(f"- {what}: none")
+            continue
+        total = sum(dropped.values())
+        # Rows kept: every validated row of the training data (before hold-out and limit), or of the evaluation data.
+        kept = profile.get("rows") if key == "dropped" else profile.get("eval_rows")
+        of = f" of {kept + total} rows read" if kept is not None else ""
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in dropped.items())
+        lines.append(f"- {what}: {total}{of} ({reasons})")
+    return lines
 
 
 def _scored_on(c: dict[str, Any]) -> str:

@@ -57,9 +57,11 @@ class DataAgent:
                 kind, source, dropped = str(prepared.kind.value if hasattr(prepared.kind, "value") else prepared.kind), \
                     prepared.source, dict(prepared.dropped)
                 rows = list(prepared.rows)
+                eval_dropped = None
                 if opts.eval_data:
                     ev = prepare(opts.eval_data, split=opts.eval_split, tokenizer=tokenizer, drop_empty=opts.drop_empty)
                     eval_rows, eval_kind, eval_source = list(ev.rows), str(getattr(ev.kind, "value", ev.kind)), ev.source
+                    eval_dropped = dict(ev.dropped)  # reported as the training data's are
                     train_rows = rows
                 else:
                     train_rows, eval_rows = hold_out(rows, opts.eval_size, cfg.seed)
@@ -67,6 +69,8 @@ class DataAgent:
                 if opts.limit is not None:
                     train_rows = train_rows[:opts.limit]
                 profile = dict(prepared.profile)
+                if eval_dropped is not None:
+                    profile["eval_dropped"] = eval_dropped
         except DataError as exc:
             raise TaskError(str(exc)) from exc
         ctx.progress("data", 2, 3, "writing")
