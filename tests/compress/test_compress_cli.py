@@ -189,6 +189,26 @@ def test_missing_or_short_calibration_is_refused(capsys, tmp_path, base_dir, arg
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("method", ["gguf:q8_0", "int8_rtn", "prune:magnitude:0.5"])
+def test_an_int8_artifact_as_the_model_is_refused_naming_it(capsys, tmp_path, tiny_tokenizer, base_dir, calibration,
+                                                            method):
+    """transformers alone drops an int8 artifact's *.qweight tensors: GGUF exported `blk.N.attn_k.qweight` from a
+    random model and measured it against that same random model (top1_agreement 1.0). It is refused instead."""
+    from posttrain.compress.api import AlreadyQuantized, compress
+    from posttrain.compress.int8 import quantize_model_to_dir
+
+    artifact = quantize_model_to_dir(load_model(base_dir), tiny_tokenizer, tmp_path / "int8")
+    message = (f"{artifact}: already an int8-quantized posttrain artifact (quantization.json, int8 weights); "
+               f"{method} needs float weights: compress the unquantized model it came from instead")
+    code, stdout, err = compress_cli(capsys, "--model", str(artifact), "--method", method, "--calibration",
+                                     str(calibration), "--out", str(tmp_path / "out"))
+    assert (code, stdout, posttrain_lines(err)) == (2, [], [f"posttrain: {message}"])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(AlreadyQuantized) as info:  # the API (a run's compressor) refuses it the same way
+        compress(str(artifact), method, tmp_path / "api", prepare(str(calibration)).rows)
+    assert str(info.value) == message and not (tmp_path / "api").exists()
+
+
 def test_an_unknown_method_is_refused_before_anything_is_read(capsys, tmp_path, base_dir):
     code, _, err = compress_cli(capsys, "--model", str(base_dir), "--method", "gguf:q3", "--calibration",
                                 str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "out"))

@@ -21,7 +21,7 @@ from posttrain.compress.api import compress, measurement_targets
 from posttrain.compress.int8 import Int8Linear, is_int8_artifact, load_int8, quantize_model_to_dir, quantize_tensor
 from posttrain.compress.measure import NOT_FOR_REWARD_MODELS, PairTargets, compare_reward_models, pair_targets
 from posttrain.evaluate.pairwise import evaluate_pairwise
-from posttrain.models.loading import load_model, weights_size_bytes
+from posttrain.models.loading import UninitialisedWeightsError, load_model, weights_size_bytes
 
 
 def pairs(n: int) -> list[dict]:
@@ -81,8 +81,13 @@ def test_a_reward_model_reloads_as_a_reward_model_with_its_float_score_head(rm_d
 
 def test_the_quantized_class_is_the_one_reloaded(rm_dir, tiny_tokenizer, tmp_path):
     """A causal LM loaded from a reward model's checkpoint keeps the checkpoint's architectures in its config; the
-    artifact must name the class that was quantized, or the reload asks for a score head it never had."""
-    lm = load_model(str(rm_dir))
+    artifact must name the class that was quantized, or the reload asks for a score head it never had. (load_model
+    refuses that checkpoint: its lm_head would be random; the causal LM is built from the checkpoint's config.)"""
+    from transformers import AutoConfig
+
+    with pytest.raises(UninitialisedWeightsError, match=r"lacks 1 weight\(s\) of LlamaForCausalLM, .*: lm_head.weight"):
+        load_model(str(rm_dir))
+    lm = LlamaForCausalLM(AutoConfig.from_pretrained(rm_dir)).eval()
     assert lm.config.architectures == ["LlamaForSequenceClassification"]
     out = quantize_model_to_dir(lm, tiny_tokenizer, tmp_path / "int8")
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]

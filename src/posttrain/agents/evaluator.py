@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from ..bus.envelope import Envelope
-from ..compress.int8 import is_int8_artifact, load_int8
 from ..config import RunConfig
 from ..evaluate.exact_match import evaluate_exact_match
 from ..evaluate.benchmarks.mt_bench import answers_from_samples
@@ -52,9 +51,7 @@ class EvaluatorAgent:
             p = Path(path)
             return (AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name),
                     AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name))
-        if is_int8_artifact(path):
-            return load_int8(path), load_tokenizer(path)
-        if is_reward_model(path):
+        if is_reward_model(path):  # an int8 artifact of a reward model too (load_reward_model handles both)
             from ..align.reward_model import load_reward_model
 
             return load_reward_model(path), load_tokenizer(path)

@@ -26,7 +26,7 @@ import torch
 
 from ..data.collate import CompletionBatch, collate_completions
 from ..data.tokenize import encode_completion
-from ..models.loading import ModelSourceError, locate
+from ..models.loading import ModelSourceError, int8_artifact, locate, refuse_new_weights
 from .batching import windows
 from .engine import Engine, LossOutput, TrainOptions, TrainResult, disable_dropout, set_seed, train_loop
 from .logprobs import shared_prompt_hidden
@@ -82,24 +82,50 @@ def load_reward_model(path_or_model: Any, *, dtype: torch.dtype = torch.float32)
     """A one-label sequence-classification model from a path ("embedded", a local directory, a hub id) or a model.
 
     A causal-LM checkpoint gets its backbone loaded and a new `score` head (its lm_head is ignored); a reward-model
-    checkpoint (e.g. one saved by `train_reward_model`) loads as it was saved. A model object that already has a
-    one-output `score` head is returned as is; a causal LM object goes through `reward_model_from_causal_lm`."""
+    checkpoint (e.g. one saved by `train_reward_model`) loads as it was saved, and one lacking any weight (its
+    `score` head included) is refused with `models.loading.UninitialisedWeightsError` naming the path and the
+    weights, as is a causal-LM checkpoint lacking any backbone weight. A posttrain int8 artifact of a reward model
+    loads through `compress.int8.load_int8` (transformers alone would drop its int8 linears); one of a causal LM is
+    refused (a reward model is built from the unquantized checkpoint). A model object that already has a one-output
+    `score` head is returned as is; a causal LM object goes through `reward_model_from_causal_lm`."""
     if isinstance(path_or_model, (str, Path)):
         from transformers import AutoModelForSequenceClassification
 
         path = locate(str(path_or_model))  # a missing directory or malformed id: a clear error before loading
+        if int8_artifact(path):
+            return _load_int8_reward_model(path, str(path_or_model), dtype)
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+            model, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
+                                                                             output_loading_info=True)
         except ModelSourceError:
             raise
         except Exception as exc:  # transformers raises many types; the user needs to know what was asked for
             raise OSError(f"could not load a reward model from {path_or_model!r} ({path}): {exc}") from exc
+        # The checkpoint's own architectures (kept by from_pretrained): only a causal LM's gets a fresh head.
+        archs = getattr(model.config, "architectures", None) or []
+        saved_as_reward_model = any(a.endswith("ForSequenceClassification") for a in archs)
+        if saved_as_reward_model:
+            refuse_new_weights(model, info, str(path_or_model))
+        else:  # a causal LM: the head is new and its lm_head is dropped, as documented
+            refuse_new_weights(model, info, str(path_or_model), allowed=("score.weight", "score.bias"),
+                               ignored=("lm_head.weight", "lm_head.bias"))
         _score_head(model)
         return model
     if getattr(path_or_model, "score", None) is not None:
         _score_head(path_or_model)
         return path_or_model
     return reward_model_from_causal_lm(path_or_model)
+
+
+def _load_int8_reward_model(path: str, name: str, dtype: torch.dtype) -> Any:
+    from ..compress.int8 import load_int8
+
+    model = load_int8(path)
+    if getattr(model, "score", None) is None:
+        raise ModelSourceError(f"{name}: an int8-quantized causal LM artifact, not a reward model; build the reward "
+                               "model from the unquantized checkpoint it came from")
+    _score_head(model)
+    return model.to(dtype=dtype)  # int8 tensors stay int8: only floating-point ones are cast
 
 
 def last_real_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

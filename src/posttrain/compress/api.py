@@ -27,6 +27,9 @@ pruning and distillation all load and save causal LMs, which would drop the scor
 compression.json lists what was not measured and the method's warnings, e.g. GGUF tensors that llama.cpp wrote at
 another type than the one asked for (`details.tensor_types` counts the file's tensors per type, `details.fallback`
 says which fell back and why).
+
+A posttrain int8 artifact given as the model to compress is refused by `check_supported` (`AlreadyQuantized`, naming
+the path) before anything is written: every method starts from float weights.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..align.engine import TrainOptions, save_pretrained
 from ..data.tokenize import encode_completion, encode_prompt
-from ..models.loading import is_reward_model, load_model, load_tokenizer, resolve_model_path
+from ..models.loading import int8_artifact, is_reward_model, load_model, load_tokenizer, resolve_model_path
 from .measure import MAX_NEW_TOKENS, HeldoutTargets, PairTargets, heldout_targets, measure_artifact, pair_targets
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
@@ -196,9 +199,20 @@ def calibration_ids(tokenizer: Any, rows: Sequence[dict], max_length: int = 256)
 REWARD_MODEL_METHODS = ("int8_rtn",)  # the methods that keep a reward model's score head (see the docstring)
 
 
+class AlreadyQuantized(ValueError):
+    """The model given to compress is a posttrain int8 artifact: its weights are already rounded to int8."""
+
+
 def check_supported(method: str, model: str) -> None:
-    """Raise NotImplementedError, naming what is supported, when `method` (valid for `parse_method`) cannot
-    compress `model` (a path or 'embedded'): a reward model takes int8_rtn only."""
+    """Refuse, before anything is loaded or written, a `model` (a path or 'embedded') that `method` (valid for
+    `parse_method`) cannot compress: a posttrain int8 artifact (`compress.int8`) for any method, with
+    `AlreadyQuantized` naming the path (every method starts from float weights, and re-compressing rounded ones
+    would compound the errors while being measured against the rounded model, not the original); any method but
+    int8_rtn for a reward model, with NotImplementedError naming what is supported."""
+    if int8_artifact(resolve_model_path(model)):
+        raise AlreadyQuantized(f"{model}: already an int8-quantized posttrain artifact (quantization.json, int8 "
+                               f"weights); {method} needs float weights: compress the unquantized model it came "
+                               "from instead")
     if parse_method(method).family != "int8" and is_reward_model(model):
         raise NotImplementedError(f"{method} cannot compress the reward model {model} (a sequence-classification "
                                   f"checkpoint); supported for reward models: {', '.join(REWARD_MODEL_METHODS)}")

@@ -10,6 +10,12 @@ expected: a path that does not exist, a directory without config.json and weight
 files (tokenizer), or a hub id that is neither cached nor reachable (HF_HUB_OFFLINE set, or the hub does not
 answer a bounded probe). transformers' own messages for these are misleading ("Repo id must be in the form ...",
 "You need to have sentencepiece or tiktoken installed") or come after a minute of retries.
+
+`load_model` never hands back weights transformers initialised at random: a checkpoint that lacks any weight of the
+model class (transformers' `output_loading_info`; a weight tied to a loaded one, e.g. `lm_head.weight` with
+`tie_word_embeddings`, is loaded, not missing) raises `UninitialisedWeightsError` naming the path and the first
+missing weights. A posttrain int8 artifact (`compress.int8`: quantization.json, `*.qweight` / `*.scale` tensors,
+which transformers alone would drop) loads through `compress.int8.load_int8`, so it computes with its int8 weights.
 """
 
 from __future__ import annotations
@@ -38,6 +44,11 @@ def resolve_model_path(name_or_path: str) -> str:
 class ModelSourceError(OSError):
     """A model or tokenizer reference that cannot be loaded as given; retrying cannot help (the agent runtime does
     not retry it). An OSError, as transformers' own loading errors are."""
+
+
+class UninitialisedWeightsError(ModelSourceError):
+    """A checkpoint that lacks weights of the model class it is loaded as: transformers would initialise them at
+    random (and, with its logging at errors, say nothing)."""
 
 
 # Files of which a tokenizer directory has at least one (fast tokenizers, sentencepiece, BPE and WordPiece vocabs).
@@ -156,15 +167,69 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any
     return tokenizer
 
 
+def newly_initialised(model: torch.nn.Module, info: dict[str, Any]) -> list[str]:
+    """The weights of `model` that `from_pretrained(..., output_loading_info=True)` initialised instead of loading
+    (`info` is that loading info: missing and size-mismatched keys), sorted, less any weight tied to a loaded one
+    (same tensor, e.g. `lm_head.weight` with `tie_word_embeddings`)."""
+    new = set(info.get("missing_keys") or ())
+    new |= {k[0] if isinstance(k, (tuple, list)) else k for k in info.get("mismatched_keys") or ()}
+    if not new:
+        return []
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(p) for name, p in params.items() if name not in new}
+    return sorted(k for k in new if not (k in params and id(params[k]) in loaded))
+
+
+def refuse_new_weights(model: torch.nn.Module, info: dict[str, Any], name_or_path: str,
+                       allowed: tuple[str, ...] = (), ignored: tuple[str, ...] = ()) -> None:
+    """Raise `UninitialisedWeightsError` naming `name_or_path` and the first five weights `newly_initialised`
+    finds, but `allowed` (weights the caller means to train from scratch); the checkpoint's unexpected keys but
+    `ignored` (ones the caller knows it drops) are named too, as they usually say what it holds instead."""
+    new = [k for k in newly_initialised(model, info) if k not in allowed]
+    if not new:
+        return
+    shown = ", ".join(new[:5]) + (f", ... ({len(new)} in all)" if len(new) > 5 else "")
+    unexpected = sorted(set(info.get("unexpected_keys") or ()) - set(ignored))
+    instead = (f"; it has instead {', '.join(unexpected[:3])}" + (", ..." if len(unexpected) > 3 else "")
+               if unexpected else "")
+    raise UninitialisedWeightsError(
+        f"{name_or_path}: the checkpoint lacks {len(new)} weight(s) of {type(model).__name__}, which loading would "
+        f"initialise at random: {shown}{instead} (expected a complete checkpoint of this architecture, as "
+        "save_pretrained writes)")
+
+
+def int8_artifact(path: str) -> bool:
+    """True when `path` (as `locate` returns it) is a posttrain int8 artifact (`compress.int8`)."""
+    from ..compress.int8 import is_int8_artifact
+
+    return Path(path).is_dir() and is_int8_artifact(path)
+
+
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                device: str | None = None) -> Any:
+    """A causal LM in eval mode, its floating-point weights in `dtype`, on `device` when given.
+
+    `name_or_path` goes through `locate`; a posttrain int8 artifact loads through `compress.int8.load_int8` (its
+    linears keep their int8 weights and compute in the input's dtype; one of a reward model is refused: it is not a
+    causal LM); anything else through `AutoModelForCausalLM.from_pretrained`, refused with
+    `UninitialisedWeightsError` when a weight would be initialised at random (see the module docstring)."""
     from transformers import AutoModelForCausalLM
 
     path = locate(name_or_path, "model")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise OSError(f"could not load a causal LM from {name_or_path!r} ({path}): {exc}") from exc
+    if int8_artifact(path):
+        from ..compress.int8 import load_int8
+
+        if is_reward_model(path):
+            raise ModelSourceError(f"{name_or_path}: an int8-quantized reward model (a sequence-classification "
+                                   "artifact), not a causal LM; load it with align.reward_model.load_reward_model")
+        model = load_int8(path).to(dtype=dtype)  # int8 tensors stay int8: only floating-point ones are cast
+    else:
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                               output_loading_info=True)
+        except Exception as exc:
+            raise OSError(f"could not load a causal LM from {name_or_path!r} ({path}): {exc}") from exc
+        refuse_new_weights(model, info, name_or_path)
     if device is not None:
         model.to(device)
     model.eval()
