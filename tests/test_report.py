@@ -40,7 +40,7 @@ def test_report_of_a_successful_run(tmp_path):
     assert r["compression"] == {"method": "int8", "path": "artifacts/int8", "reload_ok": True, "size_bytes": 1000,
                                 "base_size_bytes": 4000, "ratio": 0.25, "perplexity": None,
                                 "base_perplexity": None, "top1_agreement": None, "tokens_per_s": None,
-                                "load_seconds": None, "runtime": None, "positions": None, "scored_on": None,
+                                "tokens_per_s_repeats": None, "load_seconds": None, "runtime": None, "positions": None, "scored_on": None,
                                 "scored_rows": None, "max_new_tokens": None, "details": None, "reward": None,
                                 "rejected": []}
     assert r["wall_s"] == 20.0 and r["started_at"] == runlogs.T0
@@ -119,6 +119,25 @@ def test_report_md_lists_the_rows_data_preparation_dropped(tmp_path, profile, ex
     lines = md_path.read_text().splitlines()
     section = lines[lines.index("## Data"):lines.index("## Accuracy")]
     assert section == ["## Data", "", "- source: `pairs.jsonl`", "- kind: preference", "- rows: 25", *expected, ""]
+
+
+@pytest.mark.parametrize("repeats, said", [
+    ([505.94, 531.9, 578.61], "531.9 tokens/s (median of 3 timed runs: 505.9, 531.9, 578.6) with transformers"),
+    (None, "531.9 tokens/s with transformers"),  # a log from before the repeats were kept
+])
+def test_report_md_gives_tokens_per_s_with_its_timed_runs(tmp_path, repeats, said):
+    w = runlogs.Writer(tmp_path / "c", run_id="run-speed")
+    runlogs.start(w)
+    w.emit(1.0, "compress.result.v1", "compressor", {
+        "method": "int8_rtn", "path": "artifacts/int8", "size_bytes": 1000, "base_size_bytes": 4000, "reload_ok": True,
+        "perplexity": 2.5, "base_perplexity": 2.25, "top1_agreement": 0.75, "tokens_per_s": 531.9,
+        "tokens_per_s_repeats": repeats, "load_seconds": 0.5, "runtime": "transformers", "positions": 12})
+    w.emit(2.0, "run.finished.v1", "coordinator", {"status": "succeeded"})
+    w.close()
+    md_path, json_path = write_report(tmp_path / "c")
+    assert json.loads(json_path.read_text())["compression"]["tokens_per_s_repeats"] == repeats
+    assert (f"Against the aligned model on held-out rows: top-1 agreement 0.7500, perplexity 2.5 vs 2.25; {said}, "
+            "loaded in 0.50 s") in md_path.read_text().splitlines()
 
 
 def test_missing_log_is_a_clear_error(tmp_path):

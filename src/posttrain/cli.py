@@ -270,7 +270,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     for note in result["notes"]:
         print(f"posttrain: note: {note}", file=sys.stderr)
     print(json.dumps({k: result[k] for k in ("method", "artifact", "size_bytes", "base_size_bytes", "perplexity",
-                                             "base_perplexity", "top1_agreement", "tokens_per_s", "seconds")}
+                                             "base_perplexity", "top1_agreement", "tokens_per_s",
+                                             "tokens_per_s_repeats", "seconds")}
                      | ({"reward": result["reward"]} if result["reward"] else {})))
     print(Path(args.out) / "compression.json", flush=True)
     return 0

@@ -192,5 +192,6 @@ def test_cli_compresses_a_reward_model_with_int8(rm_dir, tmp_path, capsys):
     report = json.loads((tmp_path / "out" / "compression.json").read_text())
     assert json.loads(out[-2]) == {**{k: report[k] for k in ("method", "artifact", "size_bytes", "base_size_bytes",
                                                             "perplexity", "base_perplexity", "top1_agreement",
-                                                            "tokens_per_s", "seconds")}, "reward": report["reward"]}
+                                                            "tokens_per_s", "tokens_per_s_repeats", "seconds")},
+                                  "reward": report["reward"]}
     assert f"posttrain: note: {NOT_FOR_REWARD_MODELS}" in captured.err.splitlines()

@@ -11,7 +11,8 @@ import torch
 
 from posttrain.align.engine import save_pretrained
 from posttrain.compress.int8 import load_int8, quantize_model_to_dir
-from posttrain.compress.measure import compare_on_texts, heldout_targets, measure_artifact
+from posttrain.compress.measure import (SPEED_REPEATS, compare_on_texts, greedy_tokens_per_s, heldout_targets,
+                                       measure_artifact)
 from posttrain.data.tokenize import encode_completion, encode_prompt
 from posttrain.rollout.generate import generate
 
@@ -44,10 +45,44 @@ def test_int8_artifact_measurement(make_llama, tiny_tokenizer, tmp_path):
     prompt = encode_prompt(tiny_tokenizer, USER)
     m = measure_artifact(model, base_dir, art, lambda: load_int8(art), targets, prompt, "transformers (int8)")
     assert 0 < m.size_bytes < m.base_size_bytes and m.tokens_per_s > 0 and m.load_seconds > 0
+    # tokens/s is the median of the timed repeats, which are kept (their spread is part of the measurement)
+    assert len(m.tokens_per_s_repeats) == SPEED_REPEATS and all(v > 0 for v in m.tokens_per_s_repeats)
+    assert m.tokens_per_s == pytest.approx(sorted(m.tokens_per_s_repeats)[SPEED_REPEATS // 2], abs=0.011)
     assert m.positions == len(ids) - start and 0.0 <= m.top1_agreement <= 1.0
     assert (m.scored_on, m.scored_rows, m.max_new_tokens) == ("completions", {"completion": 1}, None)
     nll, n = completion_nll(load_int8(art), ids, start)  # the perplexity the reloaded artifact really has
     assert m.perplexity == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+class ScriptedModel:
+    """A stand-in for generate's timing: each call takes the next scripted number of seconds on a fake clock."""
+
+    def __init__(self, seconds):
+        self.seconds, self.now, self.calls = list(seconds), 0.0, []
+        self.weight = torch.zeros(1)
+
+    def parameters(self):
+        return iter([self.weight])
+
+    def clock(self):
+        return self.now
+
+    def generate(self, input_ids, max_new_tokens, min_new_tokens, do_sample):
+        self.calls.append((max_new_tokens, min_new_tokens, do_sample))
+        self.now += self.seconds.pop(0)
+        return torch.cat([input_ids, torch.zeros(1, max_new_tokens, dtype=input_ids.dtype)], dim=1)
+
+
+def test_tokens_per_s_warms_up_untimed_then_reports_the_median_of_the_repeats(monkeypatch):
+    # Regression: one timed run after a 2-token warm-up; a cold first run read 56.5 tok/s where reruns read 555-710.
+    model = ScriptedModel([10.0, 1.0, 4.0, 0.5])  # a slow first (warm-up) call, then three timed runs
+    monkeypatch.setattr("posttrain.compress.measure.time.perf_counter", model.clock)
+    speed = greedy_tokens_per_s(model, [1, 2, 3], new_tokens=8, repeats=3)
+    assert model.calls == [(8, 8, False)] * 4  # the warm-up generates as many tokens as each timed run
+    assert speed.repeats == [8.0, 2.0, 16.0]  # the warm-up's 10 s are in none of them
+    assert speed.median == 8.0
+    with pytest.raises(ValueError, match="at least one timed run"):
+        greedy_tokens_per_s(model, [1], repeats=0)
 
 
 def test_completion_rows_score_their_completion_and_pairs_the_chosen_side(tiny_tokenizer):

@@ -110,6 +110,7 @@ class CompressorAgent:
                 "base_size_bytes": report["base_size_bytes"], "reload_ok": True,
                 "perplexity": report["perplexity"], "base_perplexity": report["base_perplexity"],
                 "top1_agreement": report["top1_agreement"], "tokens_per_s": report["tokens_per_s"],
+                "tokens_per_s_repeats": report.get("tokens_per_s_repeats"),
                 "load_seconds": report["load_seconds"], "runtime": report["runtime"],
                 "positions": report["positions"], "scored_on": report["scored_on"],
                 "scored_rows": report["scored_rows"], "max_new_tokens": report["max_new_tokens"],

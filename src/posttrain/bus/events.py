@@ -163,7 +163,8 @@ class CompressResult(Payload):
     perplexity: float | None = None
     base_perplexity: float | None = None
     top1_agreement: float | None = None
-    tokens_per_s: float | None = None
+    tokens_per_s: float | None = None  # the median of the timed runs (compress.measure)
+    tokens_per_s_repeats: list[float] | None = None  # each timed run's tokens/s, in the order they ran
     load_seconds: float | None = None
     runtime: str | None = None
     positions: int | None = None  # held-out tokens scored for perplexity and top-1 agreement

@@ -2,9 +2,11 @@
 
 Guarantees: every number is measured here and now — size on disk (weight files, or the single GGUF file), load time
 (wall clock of loading the artifact), generation speed (greedy tokens per second on a fixed prompt, with the runtime
-named), held-out perplexity of both models on the same token ids, and top-1 agreement (the share of held-out
-positions where both models' argmax agree). Perplexity is exp of the mean next-token NLL over the scored positions,
-so both models are scored on exactly the same targets.
+named: the median of `SPEED_REPEATS` timed generations after one untimed warm-up generation of the same length,
+each timed run's speed kept in `tokens_per_s_repeats` so that their spread is visible), held-out perplexity of both
+models on the same token ids, and top-1 agreement (the share of held-out positions where both models' argmax
+agree). Perplexity is exp of the mean next-token NLL over the scored positions, so both models are scored on
+exactly the same targets.
 
 What is scored (`heldout_targets`, recorded as `scored_on` with the rows per source): a held-out row's completion
 tokens after its chat-templated prompt — the completion of SFT and KTO rows, the chosen side of a preference pair
@@ -27,6 +29,7 @@ completion. Perplexity, top-1 agreement and tokens/s do not apply to it: they ar
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +53,8 @@ NOT_FOR_REWARD_MODELS = ("perplexity, top-1 agreement and tokens/s do not apply 
                          "scores on held-out preference pairs instead (reward)")
 GENERATED = "aligned_greedy_completion"  # the `scored_rows` source of a row completed by the aligned model
 MAX_NEW_TOKENS = 64  # default cap of those completions (compress.heldout_max_new_tokens in a run config)
+SPEED_REPEATS = 3  # timed generations per artifact (after an untimed warm-up); tokens_per_s is their median
+SPEED_NEW_TOKENS = 32  # tokens each of them generates
 
 
 @dataclass
@@ -68,6 +73,7 @@ class ArtifactMeasurement:
     max_new_tokens: int | None  # the cap of the aligned model's greedy completions; None when none was generated
     reward: dict[str, Any] | None = None  # a reward model's measurement (`compare_reward_models`)
     notes: list[str] = field(default_factory=list)  # what was not measured, and why
+    tokens_per_s_repeats: list[float] | None = None  # each timed run's tokens/s, in order; tokens_per_s: the median
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -233,16 +239,48 @@ def compare_on_texts(base: Any, candidate: Any,
     return math.exp(nll_c / positions), math.exp(nll_b / positions), agree / positions, positions
 
 
+@dataclass(frozen=True)
+class GenerationSpeed:
+    """Greedy tokens/s: the median of the timed runs, and each run's, in the order they ran."""
+
+    median: float
+    repeats: list[float]
+
+
 @torch.no_grad()
-def greedy_tokens_per_s(model: Any, prompt_ids: list[int], new_tokens: int = 32) -> float:
-    """Greedy generation speed with the KV cache (HF generate), EOS ignored so every run makes `new_tokens`."""
+def greedy_tokens_per_s(model: Any, prompt_ids: list[int], new_tokens: int = SPEED_NEW_TOKENS,
+                        repeats: int = SPEED_REPEATS) -> GenerationSpeed:
+    """Greedy generation speed with the KV cache (HF generate), EOS ignored so every run makes `new_tokens`.
+
+    One untimed warm-up generation of the same length comes first, so that one-time costs (lazy initialisation,
+    kernel and allocator warm-up, first touches of freshly loaded weights, the cache growing to its full length)
+    are not timed; then `repeats` timed generations. The median is robust to one run slowed by other work on the
+    machine, and the repeats say how much the runs differed."""
+    if repeats < 1 or new_tokens < 1:
+        raise ValueError(f"need at least one timed run of at least one token, got repeats={repeats}, "
+                         f"new_tokens={new_tokens}")
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], device=device)
-    model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, min_new_tokens=2)  # warm-up
-    started = time.perf_counter()
-    out = model.generate(input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    seconds = time.perf_counter() - started
-    return (out.shape[1] - ids.shape[1]) / seconds
+
+    def run() -> int:
+        out = model.generate(input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        _sync(device)
+        return out.shape[1] - ids.shape[1]
+
+    run()  # warm-up, untimed
+    speeds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        made = run()
+        speeds.append(made / (time.perf_counter() - started))
+    return GenerationSpeed(statistics.median(speeds), speeds)
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timed run ends when its tokens exist (`generate` returns them on the host
+    already, so this is a second line of defence)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def measure_artifact(base: Any, base_dir: str | Path, artifact: str | Path, load: Callable[[], Any],
@@ -261,5 +299,6 @@ def measure_artifact(base: Any, base_dir: str | Path, artifact: str | Path, load
     ppl, base_ppl, agreement, positions = compare_on_texts(base, candidate, targets)
     speed = greedy_tokens_per_s(candidate, prompt_ids)
     return ArtifactMeasurement(artifact_size(artifact), weights_size_bytes(base_dir), round(load_seconds, 4),
-                               round(speed, 2), runtime, ppl, base_ppl, agreement, positions, targets.scored_on,
-                               dict(targets.scored_rows), targets.max_new_tokens)
+                               round(speed.median, 2), runtime, ppl, base_ppl, agreement, positions,
+                               targets.scored_on, dict(targets.scored_rows), targets.max_new_tokens,
+                               tokens_per_s_repeats=[round(v, 2) for v in speed.repeats])
