@@ -125,6 +125,20 @@ def test_embedded_subcommands_name_themselves_in_their_help(capsys):
     assert "unrecognized arguments: --force" in capsys.readouterr().err
 
 
+def test_embedded_build_shows_progress_on_stderr_and_prints_only_the_path(tmp_path, capsys, monkeypatch):
+    import posttrain.models.embedded as embedded
+
+    def fake_build(seed=0, force=False, log=None):
+        log("sft step 100/1000 loss 1.2345 (9 s, about 81 s left at this rate)")
+        return tmp_path
+    monkeypatch.setattr(embedded, "embedded_model_dir", fake_build)
+    assert main(["embedded", "build"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [str(tmp_path)]
+    assert captured.err.splitlines() == ["posttrain: embedded: sft step 100/1000 loss 1.2345 (9 s, about 81 s left "
+                                         "at this rate)"]
+
+
 @pytest.mark.slow
 def test_show_and_runs_on_a_real_run_that_failed_on_bad_data(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

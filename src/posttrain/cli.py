@@ -244,7 +244,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         from .data import prepare
 
         rows = list(prepare(args.calibration, drop_empty=True).rows)
-    elif args.model == "embedded":
+    elif args.model == "embedded" or _is_embedded_build(args.model):
         from .tasks import arithmetic
 
         train, test = arithmetic.make_splits(seed=0)
@@ -277,10 +277,24 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_embedded_build(model: str) -> bool:
+    """True for a directory holding a build of the embedded model (its `embedded.json`): the same model as the name
+    `embedded`, so the same default calibration (its own task)."""
+    from .models.embedded import read_manifest
+
+    return read_manifest(model) is not None
+
+
 def _cmd_embedded(args: argparse.Namespace) -> int:
     from .models.embedded import embedded_model_dir
 
-    path = embedded_model_dir(force=args.force) if args.action == "build" else embedded_model_dir()
+    def progress(message: str) -> None:  # to stderr, so stdout stays the one path line scripts read
+        print(f"posttrain: embedded: {message}", file=sys.stderr, flush=True)
+
+    if args.action == "build":
+        path = embedded_model_dir(force=args.force, log=progress)
+    else:
+        path = embedded_model_dir(log=progress)
     print(path)
     return 0
 

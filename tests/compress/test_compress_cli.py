@@ -279,3 +279,34 @@ def test_gptq_and_awq_through_the_cli(capsys, tmp_path, base_dir, calibration, h
     assert (report["perplexity"], report["base_perplexity"]) == (pytest.approx(ppl, rel=1e-6),
                                                                  pytest.approx(base_ppl, rel=1e-6))
     assert report["top1_agreement"] == pytest.approx(agreement, abs=1e-12)
+
+
+def test_the_embedded_models_directory_calibrates_on_its_own_task_like_the_name(base_dir, tmp_path, capsys,
+                                                                                monkeypatch):
+    """A directory holding an embedded build (its embedded.json) is the embedded model: no --calibration needed."""
+    import shutil
+
+    import posttrain.compress.api as api
+    from posttrain.models.embedded import MANIFEST
+    from posttrain.tasks import arithmetic
+
+    model_dir = tmp_path / "embedded-copy"
+    shutil.copytree(base_dir, model_dir)
+    (model_dir / MANIFEST).write_text(json.dumps({"version": "any"}))
+    seen = {}
+
+    def fake_compress(model, method, out, rows, heldout, options):
+        seen.update(model=model, rows=rows, heldout=heldout)
+        raise NotImplementedError("stop here: the calibration rows are what this test checks")
+    monkeypatch.setattr(api, "compress", fake_compress)
+    code, _, err = compress_cli(capsys, "--model", str(model_dir), "--method", "int8_rtn", "--out",
+                                str(tmp_path / "out"))
+    train, test = arithmetic.make_splits(seed=0)
+    assert seen == {"model": str(model_dir), "rows": arithmetic.sft_rows(train[:256]),
+                    "heldout": arithmetic.sft_rows(test[:8])}
+    assert code == 2 and posttrain_lines(err) == ["posttrain: stop here: the calibration rows are what this test checks"]
+    # without the manifest, a directory still needs --calibration
+    (model_dir / MANIFEST).unlink()
+    code, _, err = compress_cli(capsys, "--model", str(model_dir), "--method", "int8_rtn", "--out",
+                                str(tmp_path / "out2"))
+    assert code == 2 and posttrain_lines(err)[0].startswith("posttrain: --calibration FILE is needed")
