@@ -68,6 +68,7 @@ def test_build_layout_manifest_and_reload(tiny):
     model = AutoModelForCausalLM.from_pretrained(path)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.config.max_position_embeddings >= 1024
+    assert tok.model_max_length == model.config.max_position_embeddings  # transformers warns at the model's limit
     assert tok.chat_template and tok.pad_token_id != tok.eos_token_id
     assert model.generation_config.eos_token_id == tok.eos_token_id
     assert model.generation_config.pad_token_id == tok.pad_token_id

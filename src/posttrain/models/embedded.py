@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 # Bump whenever anything below (or the task's templates, or the tokenizer builder) changes the built model.
-VERSION = "arith-v2"
+VERSION = "arith-v3"
 MANIFEST = "embedded.json"
 
 # The data agent draws the demo's task with make_splits(seed=0) and its default test size; keep these equal so
@@ -174,7 +174,9 @@ def _build_into(out: Path, seed: int, log: Callable[[str], None]) -> None:
     task, tcfg, mcfg, train_cfg, ecfg = (RECIPE[k] for k in ("task", "tokenizer", "model", "train", "eval"))
 
     train_items, test_items = make_splits(seed=task["split_seed"], n_train=task["n_train"], n_test=task["n_test"])
-    tokenizer = build_tokenizer((it["question"] + "\n" + it["answer"] for it in train_items), tcfg["vocab_size"])
+    # The tokenizer's length limit is the model's (transformers warns past it, not past some larger number).
+    tokenizer = build_tokenizer((it["question"] + "\n" + it["answer"] for it in train_items), tcfg["vocab_size"],
+                                model_max_length=mcfg["max_position_embeddings"])
     log(f"tokenizer: {len(tokenizer)} tokens from {len(train_items)} training problems")
 
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,

@@ -35,8 +35,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, model_max_length: int = 4096
+                    ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE of (at most) ``vocab_size`` tokens on ``corpus``, special tokens included.
+
+    ``model_max_length`` is recorded for transformers' length warnings: give the model's position limit.
 
     The special tokens take ids 0..5 in the order bos, eos, pad, system, user, assistant; the 256 byte symbols
     come next (byte-level BPE always keeps them, so ``vocab_size`` must be at least 262 + some merges).
@@ -68,7 +71,7 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedT
         add_bos_token=False,
         add_eos_token=False,
         clean_up_tokenization_spaces=False,
-        model_max_length=4096,
+        model_max_length=model_max_length,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
