@@ -33,6 +33,9 @@ demo: $(STAMP)
 	$(BIN)/posttrain demo
 
 test: $(STAMP)
+	# The embedded model is built (once, then cached) before pytest, outside any test's timeout: on a busy machine
+	# the build alone can take minutes.
+	$(BIN)/posttrain embedded build
 	$(BIN)/python -m pytest -q tests
 	$(MAKE) --no-print-directory test-quant
 
