@@ -241,3 +241,14 @@ def test_run_notes_name_the_run_config_key_for_the_data_dir(tmp_path, monkeypatc
     assert ctx.notes == ["base: arc_easy not measured: arc_easy: cannot load allenai/ai2_arc (test) from the Hugging "
                          "Face hub: the hub is not reachable (set HF_HUB_OFFLINE=1 to use a cached copy); set "
                          "evaluate.data_dir in the run config (a folder laid out like ../shared/datasets)"]
+
+
+def test_the_run_seed_seeds_training_unless_train_seed_is_given(tmp_path):
+    # Regression: `--seed 1` changed the data split but training kept train.seed 0.
+    assert load_config(overrides={"seed": 3}).train.seed == 3
+    assert load_config(overrides={"seed": 3, "train.seed": 5}).train.seed == 5
+    assert load_config().train.seed == 0
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 7\ntrain:\n  steps: 2\n")
+    config = load_config(path)
+    assert (config.seed, config.train.seed, config.train.steps) == (7, 7, 2)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .align.engine import TrainOptions
 from .bus.health import HealthOptions
@@ -220,6 +220,16 @@ class RunConfig(_Strict):
     compress: CompressOptions = Field(default_factory=CompressOptions)
     evaluate: EvalOptions = Field(default_factory=EvalOptions)
     health: HealthOptions = Field(default_factory=HealthOptions)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _training_seed_follows_the_run_seed(cls, data: Any) -> Any:
+        # One seed for a run: `seed` (or `--seed N`) also seeds training (sampling, shuffling, initialisation)
+        # unless `train.seed` is given explicitly. Before, `--seed 1` changed the data split only.
+        if isinstance(data, dict) and isinstance(data.get("seed"), int) and isinstance(data.get("train", {}), dict) \
+                and "seed" not in data.get("train", {}):
+            data = {**data, "train": {**data.get("train", {}), "seed": data["seed"]}}
+        return data
 
 
 class ConfigError(ValueError):
