@@ -304,3 +304,14 @@ def test_hub_offline_for_real(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("DataError: someone/no-such-dataset: expected a local file or directory, or a "
                                  "Hugging Face hub dataset that is cached or reachable, got ")
+
+
+def test_a_row_that_is_not_an_object_is_named_with_the_right_article():
+    # Regression: "a int, not an object".
+    from posttrain.data.errors import DataError
+    from posttrain.data.kinds import detect_kind
+
+    for row, said in ((7, "an int, not an object"), ([1], "a list, not an object")):
+        with pytest.raises(DataError) as error:
+            detect_kind([row], "rows.jsonl")
+        assert said in str(error.value)

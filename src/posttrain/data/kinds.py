@@ -48,7 +48,10 @@ def a_kind(kind: DataKind) -> str:
 
 
 def _fields(record: object) -> str:
-    return describe_fields(record) if isinstance(record, dict) else f"a {type(record).__name__}, not an object"
+    if isinstance(record, dict):
+        return describe_fields(record)
+    name = type(record).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}, not an object"
 
 
 def detect_kind(records: list[dict], source: str) -> DataKind:
