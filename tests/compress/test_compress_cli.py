@@ -310,3 +310,26 @@ def test_the_embedded_models_directory_calibrates_on_its_own_task_like_the_name(
     code, _, err = compress_cli(capsys, "--model", str(model_dir), "--method", "int8_rtn", "--out",
                                 str(tmp_path / "out2"))
     assert code == 2 and posttrain_lines(err)[0].startswith("posttrain: --calibration FILE is needed")
+
+
+def test_an_artifact_missing_a_weight_is_refused_when_measured(base_dir, calibration, tmp_path, capsys, monkeypatch):
+    """The measurement reloads the written artifact through load_model: a weight missing on disk is an error, not a
+    random initialisation measured as if it were the artifact."""
+    from safetensors.torch import load_file, save_file
+
+    import posttrain.compress.api as api
+
+    original = api.save_pretrained
+
+    def save_without_a_weight(model, tokenizer, out_dir):
+        path = original(model, tokenizer, out_dir)
+        weights = load_file(str(path / "model.safetensors"))
+        weights.pop("model.layers.0.mlp.down_proj.weight")
+        save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return path
+    monkeypatch.setattr(api, "save_pretrained", save_without_a_weight)
+    code, _, err = compress_cli(capsys, "--model", str(base_dir), "--method", "prune:magnitude:0.5",
+                                "--calibration", str(calibration), "--out", str(tmp_path / "out"))
+    lines = posttrain_lines(err)
+    assert code == 2 and len(lines) == 1
+    assert "model.layers.0.mlp.down_proj.weight" in lines[0] and "at random" in lines[0]

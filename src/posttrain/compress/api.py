@@ -232,7 +232,8 @@ def _apply(method: Method, base_dir: str, out_dir: Path, rows: Sequence[dict], t
     """Write the artifact; return (path, loader, runtime name, method details)."""
     from transformers import AutoModelForCausalLM
 
-    hf_loader = lambda path: (lambda: AutoModelForCausalLM.from_pretrained(path))  # noqa: E731
+    # Artifacts reload through load_model: a weight the checkpoint lacks is an error, never a random initialisation.
+    hf_loader = lambda path: (lambda: load_model(str(path)))  # noqa: E731
     texts = [tokenizer.decode(ids) for ids in calibration_ids(tokenizer, rows)]
     if method.family == "int8":
         from .int8 import load_int8, quantize_model_to_dir
