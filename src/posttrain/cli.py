@@ -291,10 +291,7 @@ def _cmd_embedded(args: argparse.Namespace) -> int:
     def progress(message: str) -> None:  # to stderr, so stdout stays the one path line scripts read
         print(f"posttrain: embedded: {message}", file=sys.stderr, flush=True)
 
-    if args.action == "build":
-        path = embedded_model_dir(force=args.force, log=progress)
-    else:
-        path = embedded_model_dir(log=progress)
+    path = embedded_model_dir(force=getattr(args, "force", False), log=progress)  # --force: build's option only
     print(path)
     return 0
 

@@ -112,8 +112,9 @@ def build_report(run_dir: str | Path, state: RunState | None = None) -> dict[str
                        "size_bytes": comp.get("size_bytes"), "base_size_bytes": base,
                        "ratio": comp["size_bytes"] / base if base else None,
                        **{k: comp.get(k) for k in ("perplexity", "base_perplexity", "top1_agreement", "tokens_per_s",
-                                                   "tokens_per_s_repeats", "load_seconds", "runtime", "positions", "scored_on",
-                                                   "scored_rows", "max_new_tokens", "details", "reward")},
+                                                   "tokens_per_s_repeats", "load_seconds", "runtime", "positions",
+                                                   "scored_on", "scored_rows", "max_new_tokens", "details",
+                                                   "reward")},
                        "rejected": [{"method": c.get("method"), "reason": c.get("reason")}
                                     for c in state.compress if not c.get("accepted", True)]}
     method = state.method or {}
