@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from posttrain.evaluate.stats import mean_interval, wilson_interval
+from posttrain.evaluate.stats import mean_interval, paired_sign_test, wilson_interval
 
 Z = 1.959963984540054
 
@@ -64,3 +64,22 @@ def test_fractional_bounded_means_use_wilson_on_the_rescaled_mean_even_without_s
 def test_bounded_mean_refuses_values_outside_the_range():
     with pytest.raises(ValueError, match=r"values outside their range \[0.0, 1.0\]: \[1.5\]"):
         mean_interval([0.5, 1.5], 0.0, 1.0)
+
+
+@pytest.mark.parametrize("gained,lost,p", [
+    (0, 0, 1.0),            # nothing changed
+    (1, 0, 1.0),            # one flip is no evidence: 2 * 1/2
+    (10, 0, 2 / 1024),      # 2 * (1/2)^10
+    (7, 3, 352 / 1024),     # 2 * (C(10,0) + C(10,1) + C(10,2) + C(10,3)) / 2^10 = 2 * 176 / 1024
+    (3, 7, 352 / 1024),     # symmetric
+])
+def test_paired_sign_test_exact_values(gained, lost, p):
+    # Items: `gained` wrong -> right, `lost` right -> wrong, plus unchanged ones that must not count.
+    before = [False] * gained + [True] * lost + [True] * 5 + [False] * 4
+    after = [True] * gained + [False] * lost + [True] * 5 + [False] * 4
+    assert paired_sign_test(before, after) == (gained, lost, pytest.approx(p, abs=0, rel=1e-12))
+
+
+def test_paired_sign_test_refuses_unpaired_scorings():
+    with pytest.raises(ValueError, match="3 items before but 2 after"):
+        paired_sign_test([True, False, True], [True, False])

@@ -17,6 +17,9 @@ Guarantees:
 - Means without a known range use the normal approximation with the sample standard deviation (n − 1), clipped to
   a bound when one is given. Such a mean has no interval (both bounds None, never a made-up or zero width) when
   there are fewer than two items or the sample variance is zero.
+- Two scorings of the same items (base vs aligned) are compared by the exact McNemar test (`paired_sign_test`), which
+  uses only the items whose outcome changed: the question "did it get better" is about those, not about two
+  overlapping intervals.
 """
 
 from __future__ import annotations
@@ -74,3 +77,20 @@ def _bounded_mean_interval(values: Sequence[float], low: float, high: float,
     # Summed on the [0, 1] scale so that items at the ends add exact 0s and 1s: all-0/1 data is the proportion.
     lo, hi = wilson_interval(sum((v - low) / span for v in values), len(values), z)
     return low + span * lo, low + span * hi
+
+
+def paired_sign_test(before: Sequence[bool], after: Sequence[bool]) -> tuple[int, int, float]:
+    """Exact McNemar test for two scorings of the same items: ``(gained, lost, p)``.
+
+    ``gained`` counts items wrong before and right after, ``lost`` the reverse; ``p`` is the two-sided exact
+    binomial p-value of that split under "no change" (each discordant item equally likely to go either way):
+    ``min(1, 2 * P(X <= min(gained, lost)))`` for X ~ Binomial(gained + lost, 1/2); 1.0 when nothing changed.
+    Raises ``ValueError`` when the two scorings differ in length.
+    """
+    if len(before) != len(after):
+        raise ValueError(f"{len(before)} items before but {len(after)} after")
+    gained = sum(1 for b, a in zip(before, after) if a and not b)
+    lost = sum(1 for b, a in zip(before, after) if b and not a)
+    n = gained + lost
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2 ** n
+    return gained, lost, min(1.0, 2 * tail)
