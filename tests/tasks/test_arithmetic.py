@@ -1,10 +1,12 @@
 import re
 
 from posttrain.rewards.verifiable import extract_final_answer
-from posttrain.tasks.arithmetic import (TEMPLATES, make_item, make_splits, preference_rows, sft_rows,
-                                        verifiable_rows)
-
 import random
+
+import pytest
+
+from posttrain.tasks.arithmetic import (TEMPLATES, alt_format_answer, make_item, make_splits, preference_rows,
+                                        sft_rows, verifiable_rows)
 
 
 def _check_arithmetic(answer: str) -> None:
@@ -35,6 +37,7 @@ def test_every_template_is_correct():
         for _ in range(200):
             item = make_item(rng, kind)
             _check_arithmetic(item["answer"])
+            assert item["kind"] == kind
             assert item["answer"].endswith("\n#### " + extract_final_answer(item["answer"]))
 
 
@@ -61,3 +64,30 @@ def test_preference_rejected_is_wrong_and_deterministic():
         assert bad is not None and bad != good and int(bad) >= 0
         # the slip is in the final result: the last "= X" equals the (wrong) #### value
         assert re.findall(r"= (\d+)", rejected)[-1] == bad
+
+
+def test_alt_format_answer_keeps_the_working_and_is_not_verifiable():
+    answer = "Sam has 7 + 5 = 12 apples.\n#### 12"
+    assert alt_format_answer(answer) == "Sam has 7 + 5 = 12 apples.\nThe answer is 12."
+    assert extract_final_answer(alt_format_answer(answer)) is None
+
+
+def test_sft_rows_alt_format_rates_per_kind():
+    train, _ = make_splits(seed=0, n_train=2000, n_test=0)
+    rates = {"add": 1.0, "subtract": 0.5}
+    rows = sft_rows(train, alt_format_rates=rates, seed=3)
+    assert rows == sft_rows(train, alt_format_rates=rates, seed=3)  # deterministic in seed
+    alt = {kind: [] for kind in TEMPLATES}
+    for row, it in zip(rows, train):
+        text = row["completion"][0]["content"]
+        assert row["prompt"] == [{"role": "user", "content": it["question"]}]
+        assert text in (it["answer"], alt_format_answer(it["answer"]))
+        alt[it["kind"]].append(text != it["answer"])
+    assert all(alt["add"]) and not any(alt["multiply"]) and not any(alt["two_step"])
+    assert 0.4 < sum(alt["subtract"]) / len(alt["subtract"]) < 0.6
+    assert sft_rows(train) == sft_rows(train, alt_format_rates={})  # default: every row ends in #### N
+
+
+def test_sft_rows_refuses_a_rate_outside_0_1():
+    with pytest.raises(ValueError, match=r"alt_format_rates\['add'\] must be in \[0, 1\], got 1.5"):
+        sft_rows([], alt_format_rates={"add": 1.5})

@@ -1,7 +1,7 @@
 """The embedded task: generated GSM8K-style arithmetic word problems with checkable answers.
 
-Each item is ``{"question": str, "answer": str}``; the answer is a short worked solution whose last line is
-``#### N`` (the GSM8K convention), e.g. ``"Sam has 7 + 5 = 12 apples.\\n#### 12"``.
+Each item is ``{"question": str, "answer": str, "kind": template name}``; the answer is a short worked solution
+whose last line is ``#### N`` (the GSM8K convention), e.g. ``"Sam has 7 + 5 = 12 apples.\\n#### 12"``.
 
 Templates: addition, subtraction, multiplication and a two-step (add then subtract) problem, over varied names
 and objects with small numbers, so that a tiny model can learn part of the task in a couple of CPU minutes and
@@ -17,7 +17,7 @@ Guarantees:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 NAMES = (
@@ -91,7 +91,7 @@ def make_item(rng: random.Random, kind: str | None = None) -> Item:
     name, friend = rng.sample(NAMES, 2)
     obj, box = rng.choice(OBJECTS)
     question, solution, result = TEMPLATES[kind](rng, name, friend, obj, box)
-    return {"question": question, "answer": format_answer(solution, result)}
+    return {"question": question, "answer": format_answer(solution, result), "kind": kind}
 
 
 def make_splits(seed: int = 0, n_train: int = 2000, n_test: int = 200) -> tuple[list[Item], list[Item]]:
@@ -131,10 +131,36 @@ def verifiable_rows(items: Iterable[Item]) -> list[dict[str, Any]]:
             for it in items]
 
 
-def sft_rows(items: Iterable[Item]) -> list[dict[str, Any]]:
-    """Normalised SFT rows: ``{"prompt": [user message], "completion": [assistant worked solution]}``."""
-    return [{"prompt": [{"role": "user", "content": it["question"]}],
-             "completion": [{"role": "assistant", "content": it["answer"]}]} for it in items]
+ALT_FINAL_LINE = "The answer is {}."
+
+
+def alt_format_answer(answer: str) -> str:
+    """The same worked solution ending in ``The answer is N.`` instead of ``#### N``: a convention other corpora
+    use, which the task's verifier (``rewards.verifiable``) does not accept."""
+    body, _ = answer.rsplit("\n####", 1)
+    return f"{body}\n{ALT_FINAL_LINE.format(final_result(answer))}"
+
+
+def sft_rows(items: Iterable[Item], alt_format_rates: Mapping[str, float] | None = None,
+             seed: int = 0) -> list[dict[str, Any]]:
+    """Normalised SFT rows: ``{"prompt": [user message], "completion": [assistant worked solution]}``.
+
+    ``alt_format_rates`` maps a template kind to the share of its rows (each drawn with ``random.Random(seed)``)
+    that end in the other convention (``alt_format_answer``), as in an SFT corpus pooled from sources that write
+    answers differently and cover problem types in different proportions. By default every row ends in
+    ``#### N``."""
+    rates = dict(alt_format_rates or {})
+    for kind, rate in rates.items():
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"alt_format_rates[{kind!r}] must be in [0, 1], got {rate}")
+    rng = random.Random(seed)
+    rows = []
+    for it in items:
+        alt = rng.random() < rates.get(it.get("kind", ""), 0.0)
+        rows.append({"prompt": [{"role": "user", "content": it["question"]}],
+                     "completion": [{"role": "assistant",
+                                     "content": alt_format_answer(it["answer"]) if alt else it["answer"]}]})
+    return rows
 
 
 def _slip(answer: str, rng: random.Random) -> str:
