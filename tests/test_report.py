@@ -21,9 +21,9 @@ def test_report_of_a_successful_run(tmp_path):
     r = json.loads(json_path.read_text())
     assert r["run_id"] == runlogs.RUN_ID and r["status"] == "succeeded" and r["error"] is None
     assert r["method"] == "grpo" and r["rationale"] == "verifiable answers" and r["runner_up"] == "sft"
-    assert r["accuracy"] == {"base": {"value": 0.3, "n": 50, "metric": "exact_match"},
-                             "aligned": {"value": 0.5, "n": 50, "metric": "exact_match"},
-                             "compressed": {"value": 0.48, "n": 50, "metric": "exact_match"}}
+    assert r["accuracy"] == {"base": {"value": 0.3, "n": 50, "metric": "exact_match", "answered": 40},
+                             "aligned": {"value": 0.5, "n": 50, "metric": "exact_match", "answered": 50},
+                             "compressed": {"value": 0.48, "n": 50, "metric": "exact_match", "answered": 49}}
     assert r["sizes_bytes"] == {"aligned": 4000, "compressed": 1000}
     assert r["stages"] == [{"name": "data", "status": "succeeded", "wall_s": 1.5},
                            {"name": "select", "status": "succeeded", "wall_s": 0.5},
@@ -49,7 +49,8 @@ def test_report_of_a_successful_run(tmp_path):
     md = md_path.read_text()
     assert "# Run `run-test`: succeeded" in md
     assert "**grpo** (runner-up: sft)" in md and "Why: verifiable answers" in md
-    assert "| base | 0.300 | 50 | exact_match |" in md and "| compressed | 0.480 | 50 | exact_match |" in md
+    assert "| base | 0.300 | 50 | exact_match | 40 |" in md and "| compressed | 0.480 | 50 | exact_match | 49 |" in md
+    assert "answered: outputs whose final answer the verifier could read" in md
     assert "base → aligned → compressed: 0.300 → 0.500 → 0.480" in md
     assert "| train | succeeded | 5.0 s |" in md
     assert "| compressed | 1000B (1000 bytes) |" in md
@@ -65,7 +66,8 @@ def test_report_of_a_failed_run(tmp_path):
     assert r["run_id"] == "run-failed" and r["status"] == "failed"
     assert r["error"] == {"agent": "trainer", "task": "t-train", "reason": "out of memory after 3 attempts"}
     assert r["method"] is None and r["rationale"] is None
-    assert r["accuracy"] == {"base": {"value": 0.25, "n": 40, "metric": "exact_match"},
+    # This log's eval result has no "answered" (as in logs written before the field existed): null, not a guess.
+    assert r["accuracy"] == {"base": {"value": 0.25, "n": 40, "metric": "exact_match", "answered": None},
                              "aligned": None, "compressed": None}
     assert r["sizes_bytes"] == {"aligned": None, "compressed": None}
     assert r["stages"] == [{"name": "data", "status": "succeeded", "wall_s": 1.0},

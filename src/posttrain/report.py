@@ -17,7 +17,8 @@ Guarantees:
   what `posttrain run` and `posttrain demo` print at the end of a run.
 
 report.json keys: run_id, status, interrupted, method, rationale, runner_up, accuracy {base, aligned, compressed}
-each {value, n, metric} or null, sizes_bytes {aligned, compressed}, stages [{name, status, wall_s}], error
+each {value, n, metric, answered (exact match: how many outputs had an answer the verifier reads, right or wrong;
+null for other metrics)} or null, sizes_bytes {aligned, compressed}, stages [{name, status, wall_s}], error
 {agent, task, reason} or null, data, training {method, steps, total_steps, last_step, metrics {name: {first, final,
 min, max, nonfinite}}}, compression {method, path, reload_ok, size_bytes, base_size_bytes, ratio,
 perplexity, base_perplexity, top1_agreement, tokens_per_s (the median of the timed runs), tokens_per_s_repeats
@@ -102,7 +103,8 @@ def build_report(run_dir: str | Path, state: RunState | None = None) -> dict[str
     accuracy = {}
     for model in MODELS:
         r = state.eval_for(model)
-        accuracy[model] = {"value": r["value"], "n": r["n"], "metric": r["metric"]} if r else None
+        accuracy[model] = {"value": r["value"], "n": r["n"], "metric": r["metric"],
+                           "answered": r.get("answered")} if r else None
     accepted = [c for c in state.compress if c.get("accepted", True)]
     comp = accepted[-1] if accepted else None  # the artifact the pipeline kept (rejected attempts are listed apart)
     compression = None
@@ -192,12 +194,17 @@ def render_markdown(report: dict[str, Any]) -> str:
         d = r["data"]
         lines += ["## Data", "", f"- source: `{d.get('source')}`", f"- kind: {d.get('kind')}",
                   f"- rows: {d.get('rows')}", *_dropped_lines(d.get("profile") or {}), ""]
-    lines += ["## Accuracy", "", "| model | accuracy | n | metric |", "|---|---|---|---|"]
+    lines += ["## Accuracy", "", "| model | accuracy | n | metric | answered |", "|---|---|---|---|---|"]
     for model in MODELS:
         a = r["accuracy"].get(model)
-        lines.append(f"| {model} | {_acc(a)} | {a['n'] if a else '-'} | {a['metric'] if a else '-'} |")
+        answered = a.get("answered") if a else None
+        lines.append(f"| {model} | {_acc(a)} | {a['n'] if a else '-'} | {a['metric'] if a else '-'} | "
+                     f"{'-' if answered is None else answered} |")
     chain = " → ".join(_acc(r["accuracy"].get(m)) for m in MODELS)
     lines += ["", f"base → aligned → compressed: {chain}", ""]
+    if any((r["accuracy"].get(m) or {}).get("answered") is not None for m in MODELS):
+        lines += ["answered: outputs whose final answer the verifier could read (a `#### N` line), right or wrong; "
+                  "an output without one scores 0 whatever its working says.", ""]
     if r.get("benchmarks"):
         lines += ["## Benchmarks", "", "| benchmark / metric | base [95% CI] | aligned [95% CI] | compressed [95% CI] "
                   "| n |", "|---|---|---|---|---|"]

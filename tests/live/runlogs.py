@@ -70,7 +70,7 @@ def successful_run(run_dir: Path) -> Path:
     w.emit(3.2, "method.selected.v1", "selector", {"method": "grpo", "rationale": "verifiable answers",
                                                    "runner_up": "sft"})
     w.emit(3.6, "eval.result.v1", "evaluator", {"model": "base", "metric": "exact_match", "value": 0.3, "n": 50,
-                                                "path": "artifacts/base"})
+                                                "answered": 40, "path": "artifacts/base"})
     w.emit(4.0, "stage.started.v1", "coordinator", {"stage": "train", "task_id": "t-train", "agent": "trainer"})
     w.emit(4.01, "task.assigned.v1", "coordinator", {"task_id": "t-train", "stage": "train", "params": {}},
            target="trainer")
@@ -89,9 +89,9 @@ def successful_run(run_dir: Path) -> Path:
                                                       "reload_ok": True})
     stage(w, 13.0, "evaluate", "evaluator", 6.0)
     w.emit(18.0, "eval.result.v1", "evaluator", {"model": "aligned", "metric": "exact_match", "value": 0.5,
-                                                 "n": 50, "path": "artifacts/aligned"})
+                                                 "n": 50, "answered": 50, "path": "artifacts/aligned"})
     w.emit(18.5, "eval.result.v1", "evaluator", {"model": "compressed", "metric": "exact_match", "value": 0.48,
-                                                 "n": 50, "path": "artifacts/compressed"})
+                                                 "n": 50, "answered": 49, "path": "artifacts/compressed"})
     w.heartbeat(19.0, "trainer", "stopped")
     w.emit(20.0, "run.finished.v1", "coordinator", {"status": "succeeded"})
     w.close()

@@ -113,7 +113,7 @@ class EvaluatorAgent:
                                   samples_path=samples, progress=progress)
         payload = {"model": name, "metric": "reward_accuracy" if reward_run else metric, "value": float(r.value),
                    "n": int(r.n), "path": str(ref), "samples_path": str(samples),
-                   "dropped": getattr(r, "dropped", None) or None}
+                   "dropped": getattr(r, "dropped", None) or None, "answered": getattr(r, "answered", None)}
         ctx.publish("eval.result.v1", payload)
         return payload
 

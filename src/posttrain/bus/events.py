@@ -151,6 +151,7 @@ class EvalResult(Payload):
     benchmark: str | None = None  # a standard benchmark (mmlu, gsm8k, ...); None: the run's own held-out data
     ci_low: float | None = None
     ci_high: float | None = None
+    answered: int | None = None  # exact match: outputs with an answer the verifier can read (a "#### N" line)
 
 
 class CompressResult(Payload):

@@ -9,6 +9,8 @@ Guarantees:
   ``posttrain.rewards.verifiable`` for exactly what is matched). An output cut off by ``max_new_tokens`` is
   scored like any other (usually incorrect: its ``####`` line is missing).
 - ``value = correct / n`` over all rows given; an empty ``rows`` raises instead of reporting a made-up score.
+- ``answered`` counts the outputs with an answer the verifier can read (a ``#### N`` line), right or wrong, so a
+  change in accuracy can be told apart from a change in answer form.
 - Prompts are batched by length (less padding) but per-sample records are written, and returned, in input order.
 """
 
@@ -28,11 +30,13 @@ from ..rollout.generate import generate
 
 @dataclass
 class ExactMatchResult:
-    """``value`` = ``correct`` / ``n``; ``samples_path`` is where per-sample records were written (or None)."""
+    """``value`` = ``correct`` / ``n``; ``answered``: outputs with a readable ``#### N`` answer; ``samples_path`` is
+    where per-sample records were written (or None)."""
 
     value: float
     n: int
     correct: int
+    answered: int
     samples_path: Path | None = None
     records: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
@@ -86,6 +90,7 @@ def evaluate_exact_match(model: Any, tokenizer: Any, rows: Sequence[dict[str, An
 
     final = [r for r in records if r is not None]
     correct = sum(1 for r in final if r["correct"])
+    answered = sum(1 for r in final if r["extracted"] is not None)
     path = None
     if samples_path is not None:
         path = Path(samples_path)
@@ -93,5 +98,5 @@ def evaluate_exact_match(model: Any, tokenizer: Any, rows: Sequence[dict[str, An
         with path.open("w", encoding="utf-8") as fh:
             for r in final:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return ExactMatchResult(value=correct / len(final), n=len(final), correct=correct, samples_path=path,
-                            records=final)
+    return ExactMatchResult(value=correct / len(final), n=len(final), correct=correct, answered=answered,
+                            samples_path=path, records=final)
