@@ -87,7 +87,7 @@ def execute(config: RunConfig, *, view: str = "plain", console: Console | None =
             # Text, not a markup string: "[posttrain]" would be read as a style tag and vanish.
             notice.print(Text(
                 f"[posttrain] building the embedded model once (cached under {cache_root()}): "
-                f"{RECIPE['train']['steps']:,} SFT steps, a minute or two on an idle 2-core CPU, several on a busy "
+                f"{RECIPE['train']['steps']:,} SFT steps, two to three minutes on an idle 2-core CPU, several on a busy "
                 "one" + ("" if view == "quiet" else "; progress and the time left at the measured rate below")),
                 highlight=False, soft_wrap=True)
             if view != "quiet":  # progress lines (every 10% of the SFT steps), so a long first build is visibly alive

@@ -17,7 +17,7 @@ from posttrain.tasks.arithmetic import make_splits, verifiable_rows
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 TINY = {
-    "task": {"split_seed": 0, "n_train": 60, "n_test": 8},
+    "task": {"split_seed": 0, "n_train": 60, "n_test": 8, "alt_format_rates": {"add": 0.5}},
     "tokenizer": {"vocab_size": 300},
     "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
               "num_key_value_heads": 2, "max_position_embeddings": 1024, "tie_word_embeddings": True},
@@ -61,6 +61,7 @@ def test_build_layout_manifest_and_reload(tiny):
     samples = [json.loads(x) for x in (path / "eval_samples.jsonl").read_text().splitlines()]
     assert manifest["eval"]["n"] == len(samples) == 8
     assert manifest["eval"]["correct"] == sum(s["correct"] for s in samples)
+    assert manifest["eval"]["answered"] == sum(s["extracted"] is not None for s in samples)
     assert manifest["eval"]["value"] == manifest["eval"]["correct"] / 8
     assert manifest["train"]["steps"] == 2
 
@@ -136,6 +137,8 @@ def test_real_embedded_build_is_partly_competent():
     manifest = E.read_manifest(path)
     assert manifest["eval"]["n"] == E.RECIPE["task"]["n_test"]
     assert 0.2 <= manifest["eval"]["value"] <= 0.6, manifest["eval"]
+    # the corpus's second convention shows: part of the split is answered without a "#### N" line the verifier reads
+    assert manifest["eval"]["correct"] <= manifest["eval"]["answered"] < manifest["eval"]["n"], manifest["eval"]
     # the recorded score is reproduced by re-evaluating the saved weights on the demo's test split
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)

@@ -12,6 +12,14 @@
    value (with n) in ``embedded.json``, next to the recipe and the build time;
 5. saves everything in HF format (safetensors, tokenizer + chat template, generation config with eos/pad).
 
+Why two answer conventions: the SFT corpus ends most addition and subtraction solutions in ``The answer is N.``
+and most multiplication and two-step ones in GSM8K's ``#### N`` (``RECIPE["task"]["alt_format_rates"]``), as a
+corpus pooled from differently formatted sources does. The task's verifier and the exact-match evaluation accept
+only ``#### N`` (like lm-eval's GSM8K strict match), so the built model answers part of the test split in a form
+that scores 0 although its arithmetic may be right. That is the room alignment has on this model: at 0.6M
+parameters GRPO does not measurably improve the arithmetic itself within a demo's budget, but a verifier's reward
+does teach it the required answer form (docs/benchmarks.md, "What GRPO does for the embedded model", measures both).
+
 Guarantees:
 - Deterministic given the seed on a given machine, torch build and thread count (CPU kernels may reduce in a
   different order elsewhere, so another machine can produce slightly different weights and a different measured
@@ -43,7 +51,7 @@ import numpy as np
 import torch
 
 # Bump whenever anything below (or the task's templates, or the tokenizer builder) changes the built model.
-VERSION = "arith-v3"
+VERSION = "arith-v4"
 MANIFEST = "embedded.json"
 
 # The data agent draws the demo's task with make_splits(seed=0) and its default test size; keep these equal so
@@ -51,11 +59,13 @@ MANIFEST = "embedded.json"
 TASK_SPLIT_SEED = 0
 
 RECIPE: dict[str, Any] = {
-    "task": {"split_seed": TASK_SPLIT_SEED, "n_train": 4000, "n_test": 200},
+    # The SFT corpus is pooled from two answer conventions (see "Why two answer conventions" above).
+    "task": {"split_seed": TASK_SPLIT_SEED, "n_train": 4000, "n_test": 200,
+             "alt_format_rates": {"add": 0.8, "subtract": 0.8, "multiply": 0.2, "two_step": 0.2}},
     "tokenizer": {"vocab_size": 512},
     "model": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 4, "max_position_embeddings": 1024, "tie_word_embeddings": True},
-    "train": {"steps": 1000, "batch_size": 32, "grad_accum": 1, "lr": 2e-3, "warmup_steps": 30,
+    "train": {"steps": 2000, "batch_size": 32, "grad_accum": 1, "lr": 2e-3, "warmup_steps": 30,
               "schedule": "cosine", "max_grad_norm": 1.0, "max_length": 256, "weight_decay": 0.0},
     "eval": {"max_new_tokens": 64, "batch_size": 100},
 }
@@ -174,9 +184,10 @@ def _build_into(out: Path, seed: int, log: Callable[[str], None]) -> None:
     task, tcfg, mcfg, train_cfg, ecfg = (RECIPE[k] for k in ("task", "tokenizer", "model", "train", "eval"))
 
     train_items, test_items = make_splits(seed=task["split_seed"], n_train=task["n_train"], n_test=task["n_test"])
+    rows = sft_rows(train_items, alt_format_rates=task["alt_format_rates"], seed=seed)
     # The tokenizer's length limit is the model's (transformers warns past it, not past some larger number).
-    tokenizer = build_tokenizer((it["question"] + "\n" + it["answer"] for it in train_items), tcfg["vocab_size"],
-                                model_max_length=mcfg["max_position_embeddings"])
+    tokenizer = build_tokenizer((r["prompt"][0]["content"] + "\n" + r["completion"][0]["content"] for r in rows),
+                                tcfg["vocab_size"], model_max_length=mcfg["max_position_embeddings"])
     log(f"tokenizer: {len(tokenizer)} tokens from {len(train_items)} training problems")
 
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
@@ -195,7 +206,7 @@ def _build_into(out: Path, seed: int, log: Callable[[str], None]) -> None:
                 + progress_timing(step, options.steps, time.perf_counter() - train_started))
 
     train_started = time.perf_counter()
-    result = train_sft(model, tokenizer, sft_rows(train_items), options, on_step=on_step)
+    result = train_sft(model, tokenizer, rows, options, on_step=on_step)
     train_seconds = time.perf_counter() - train_started
     model.eval()
 
@@ -222,7 +233,7 @@ def _build_into(out: Path, seed: int, log: Callable[[str], None]) -> None:
         "train": {"rows": result.rows, "steps": result.steps, "final_loss": result.final.get("loss"),
                   "seconds": round(train_seconds, 2)},
         "eval": {"metric": "exact_match", "split": "test", "value": score.value, "n": score.n,
-                 "correct": score.correct, "ci95": [lo, hi], "decoding": "greedy",
+                 "correct": score.correct, "answered": score.answered, "ci95": [lo, hi], "decoding": "greedy",
                  "max_new_tokens": ecfg["max_new_tokens"], "samples": "eval_samples.jsonl"},
         "build_seconds": round(time.perf_counter() - started, 2),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
