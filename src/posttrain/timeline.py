@@ -34,7 +34,8 @@ def format_timeline(run_dir: str | Path) -> str:
     acc = []
     for model in MODELS:
         a = report["accuracy"][model]
-        acc.append(f"{model} {a['value']:.3f} (n={a['n']})" if a else f"{model} {NOT_MEASURED}")
+        answered = f", answered {a['answered']}" if a and a.get("answered") is not None else ""
+        acc.append(f"{model} {a['value']:.3f} (n={a['n']}{answered})" if a else f"{model} {NOT_MEASURED}")
     lines.append("accuracy: " + " -> ".join(acc))
     if report["error"]:
         e = report["error"]

@@ -32,7 +32,7 @@ def test_plain_prints_one_line_per_event_without_heartbeats(tmp_path):
     assert "[  4.0s] task.assigned.v1  coordinator -> trainer  stage=train" in lines
     # headline metrics first, whatever order the log stored them in
     assert "[  4.6s] train.metrics.v1  trainer -> *  step=1/4  loss=2  reward=0.1  kl=0  grad_norm=1" in lines
-    assert "[ 18.0s] eval.result.v1  evaluator -> *  model=aligned  metric=exact_match  value=0.5  n=50" in lines
+    assert "[ 18.0s] eval.result.v1  evaluator -> *  model=aligned  metric=exact_match  value=0.5  n=50  answered=50" in lines
     assert lines[-1] == "[ 20.0s] run.finished.v1  coordinator -> *  status=succeeded"
     assert not any("heartbeat" in line for line in lines)
 

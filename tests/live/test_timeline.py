@@ -14,7 +14,7 @@ def test_timeline_lines_and_summary(tmp_path):
     assert "method: grpo (verifiable answers)" in lines
     assert "stages: data=succeeded 1.5s  select=succeeded 0.5s  train=succeeded 5.0s  compress=succeeded 2.0s  " \
            "evaluate=succeeded 6.0s" in lines
-    assert "accuracy: base 0.300 (n=50) -> aligned 0.500 (n=50) -> compressed 0.480 (n=50)" in lines
+    assert "accuracy: base 0.300 (n=50, answered 40) -> aligned 0.500 (n=50, answered 50) -> compressed 0.480 (n=50, answered 49)" in lines
 
 
 def test_timeline_of_a_failed_run(tmp_path):

@@ -132,7 +132,7 @@ def summarize(type: str, data: dict[str, Any]) -> str:
             parts.append(f"ratio={ratio:.2f}")
         return "  ".join(parts + kv("reload_ok"))
     if type == "eval.result.v1":
-        return "  ".join(kv("model", "metric", "value", "n"))
+        return "  ".join(kv("model", "metric", "value", "n", "answered"))
     if type == "gate.rejected.v1":
         metrics = ",".join(f.get("metric", "?") for f in d.get("failures") or [])
         return "  ".join(kv("method") + [f"metrics={metrics}", f"next={d.get('next_method') or 'none'}"])
