@@ -2,8 +2,9 @@
 
     python bench/grpo_embedded.py [--seeds 0 1 2] [--key.sub VALUE ...]   # keys of the demo config: --train.lr 3e-4
 
-Trains the embedded model with the demo's GRPO settings (``configs/demo.yaml``, overridable like ``posttrain demo``)
-on the demo's training prompts once per seed, and greedy-decodes the demo's 200 held-out problems before and after.
+Trains the embedded model with the demo's GRPO settings (``src/posttrain/configs/demo.yaml``, overridable like
+``posttrain demo``) on the demo's training prompts once per seed, and greedy-decodes the demo's 200 held-out problems
+before and after.
 For each model it prints:
 
 - ``exact_match``: the demo's metric, the ``#### N`` answer equals the gold answer;

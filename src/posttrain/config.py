@@ -8,7 +8,7 @@ embedded defaults); settings that can never work (an unknown benchmark, a compre
 out of range) are refused when the config is read; the resolved configuration is written to the run directory,
 so a run can be reproduced from its own `config.yaml`.
 
-Example (configs/demo.yaml shows the full set):
+Example (src/posttrain/configs/demo.yaml shows the full set):
 
     model: embedded            # or a local path / hub id
     data: null                 # null: the embedded arithmetic task; else a path or hub id
