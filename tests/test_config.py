@@ -2,7 +2,7 @@
 
 import pytest
 
-from posttrain.config import ConfigError, load_config, parse_overrides
+from posttrain.config import ConfigError, did_you_mean, load_config, parse_overrides
 
 
 def test_overrides_are_parsed_as_yaml_scalars():
@@ -252,3 +252,22 @@ def test_the_run_seed_seeds_training_unless_train_seed_is_given(tmp_path):
     path.write_text("seed: 7\ntrain:\n  steps: 2\n")
     config = load_config(path)
     assert (config.seed, config.train.seed, config.train.steps) == (7, 7, 2)
+
+
+@pytest.mark.parametrize("key, hint", [
+    # transformers/TRL names that spelling similarity misses (train.learning_rate was "did you mean train.min_lr_ratio")
+    ("train.learning_rate", " (did you mean train.lr?)"),
+    ("dpo.learning_rate", " (did you mean train.lr?)"),  # not in that section: the key wherever it lives
+    ("train.gradient_accumulation_steps", " (did you mean train.grad_accum?)"),
+    ("grpo.max_completion_length", " (did you mean grpo.max_new_tokens?)"),
+    ("train.stpes", " (did you mean train.steps?)"),  # spelling similarity still applies to the rest
+])
+def test_did_you_mean_knows_trainer_argument_names(key, hint):
+    assert did_you_mean(key) == hint
+
+
+def test_a_yaml_key_named_as_in_transformers_gets_our_name(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  learning_rate: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=r"learning_rate.*did you mean train\.lr\?"):
+        load_config(path)

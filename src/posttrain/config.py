@@ -353,14 +353,27 @@ def _from_flag(key: str, value: Any) -> Any:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+# Names users bring from transformers' TrainingArguments / TRL configs, which spelling similarity would not find.
+TRAINER_ARGUMENT_NAMES = {
+    "learning_rate": "lr", "max_steps": "steps", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "schedule", "warmup": "warmup_steps",
+    "max_completion_length": "max_new_tokens", "max_seq_length": "max_length",
+}
+
+
 def did_you_mean(dotted: str, *, flag: bool = False) -> str:
     """' (did you mean train.steps?)' for the closest known keys of an unknown one, or ''."""
     keys = known_keys()
-    close = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
-    if "." not in dotted or not close:  # `--steps` for `--train.steps`: the (nearly) same last part in a section
-        leaves = {k: k.rsplit(".", 1)[-1] for k in keys}
-        near = difflib.get_close_matches(dotted.rsplit(".", 1)[-1], sorted(set(leaves.values())), n=1, cutoff=0.75)
-        close = [k for k, leaf in leaves.items() if leaf in near][:4] or close
+    section, _, last = dotted.rpartition(".")
+    alias = TRAINER_ARGUMENT_NAMES.get(last)
+    aliased = [k for k in keys if alias and k.rsplit(".", 1)[-1] == alias]
+    close = ([k for k in aliased if k.startswith(section + ".")] or aliased)[:4]
+    if not close:
+        close = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
+        if "." not in dotted or not close:  # `--steps` for `--train.steps`: the (nearly) same last part in a section
+            leaves = {k: k.rsplit(".", 1)[-1] for k in keys}
+            near = difflib.get_close_matches(last, sorted(set(leaves.values())), n=1, cutoff=0.75)
+            close = [k for k, leaf in leaves.items() if leaf in near][:4] or close
     dash = "--" if flag else ""
     return f" (did you mean {', '.join(dash + k for k in close)}?)" if close else ""
 
