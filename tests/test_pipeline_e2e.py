@@ -67,6 +67,7 @@ def test_demo_grpo_improves_the_embedded_model(tmp_path, capsys, monkeypatch):
     gained, lost, p = paired_sign_test(correct["base"], correct["aligned"])
     assert acc["aligned"]["value"] - acc["base"]["value"] >= 0.05 and p < 0.001, (acc, gained, lost, p)
     assert [e for e in events if e["type"] == "train.metrics.v1"]
+    assert not any("no reward signal" in n["text"] for n in report["notes"])
     ckpt = run_dir / "checkpoints" / "grpo" / "final"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -93,6 +94,11 @@ def test_real_data_end_to_end(config, method, metric, datasets_dir, tmp_path, ca
         assert report["data"]["profile"]["dropped"] == {"empty_response": 2, "identical_pair": 4}
         assert ("- dropped while preparing: 6 of 1000 rows read (empty_response: 2, identical_pair: 4)"
                 in (run_dir / "report.md").read_text().splitlines())
+    if method == "grpo":  # the embedded model solves none of these GSM8K problems: the run says it learned nothing
+        rewards = [e["data"]["metrics"]["reward"] for e in _events(run_dir) if e["type"] == "train.metrics.v1"]
+        assert rewards and set(rewards) == {0.0}
+        assert any(n["level"] == "warning" and "no reward signal in any of its" in n["text"] for n in report["notes"])
+        assert "no reward signal" in (run_dir / "report.md").read_text()
     assert sorted(p.name for p in run_dir.glob("events.sqlite*")) == ["events.sqlite"]  # no -wal / -shm left
 
 

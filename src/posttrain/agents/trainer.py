@@ -93,9 +93,12 @@ class TrainerAgent:
 
             model = apply_lora(model, LoraOptions(**cfg.lora.model_dump()))
         rows = read_jsonl(p["train_path"])
+        no_signal: list[bool] = []  # per GRPO step: every group's samples got the same reward (all advantages 0)
 
         def on_step(step: int, metrics: dict[str, float]) -> None:
             ctx.progress("train", step, total)
+            if "frac_zero_std_groups" in metrics:
+                no_signal.append(float(metrics["frac_zero_std_groups"]) >= 1.0)
             ctx.publish("train.metrics.v1", {"method": method, "step": step, "total_steps": total,
                                              "metrics": {k: float(v) for k, v in metrics.items()}})
 
@@ -106,6 +109,13 @@ class TrainerAgent:
             result = run_technique(method, kind, model, tokenizer, rows, cfg, on_step)
         except ValueError as exc:  # no rows left after tokenization, bad settings: the user's to fix
             raise TaskError(str(exc)) from exc
+        if no_signal and all(no_signal):
+            # The run "succeeds", but the reward never told samples apart: say so rather than report a silent no-op.
+            ctx.publish("run.note.v1", {"level": "warning", "text": (
+                f"{method}: no reward signal in any of its {len(no_signal)} steps: within every group all "
+                f"{cfg.grpo.num_generations} samples got the same reward, so every advantage was 0 and the reward did "
+                "not move the policy (more samples per prompt, a higher temperature, or data the model can partly "
+                "solve would give it one)")})
         extra: dict[str, Any] = {}
         if cfg.lora is not None:
             from ..models.lora import save_lora
