@@ -109,10 +109,12 @@ def test_accuracy_is_the_evaluators_and_matches_its_per_sample_records(run):
                    and not e["data"].get("benchmark")]
         assert results, model
         last = results[-1]
-        assert report["accuracy"][model] == {"value": last["value"], "n": last["n"], "metric": last["metric"]}
+        assert report["accuracy"][model] == {"value": last["value"], "n": last["n"], "metric": last["metric"],
+                                             "answered": last["answered"]}
         samples = [json.loads(line) for line in Path(last["samples_path"]).read_text().splitlines()]
         assert len(samples) == last["n"] == 16
         assert last["value"] == pytest.approx(sum(bool(s["correct"]) for s in samples) / len(samples), abs=1e-12)
+        assert last["answered"] == sum(s["extracted"] is not None for s in samples)
 
 
 def _weight_dirs(root: Path) -> dict[Path, int]:
