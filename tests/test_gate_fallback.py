@@ -143,9 +143,9 @@ def test_a_rejected_compression_falls_back_to_a_milder_method_and_the_report_say
         ("evaluate", "rejected"), ("compress#2", "succeeded"), ("evaluate#2", "succeeded")]
     assert report["gate_rejections"] == [gate["data"]]
     assert report["accuracy"]["compressed"] == {"value": kept["value"], "n": 32, "metric": "exact_match",
-                                                   "answered": kept["answered"]}
+                                                "answered": kept["answered"]}
     assert report["accuracy"]["aligned"] == {"value": aligned["value"], "n": 32, "metric": "exact_match",
-                                                "answered": aligned["answered"]}
+                                             "answered": aligned["answered"]}
     c = report["compression"]
     assert c["method"] == "int8_rtn" and c["path"] == int8_path and c["rejected"] == []
     md = (run_dir / "report.md").read_text()
