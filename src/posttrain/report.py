@@ -192,8 +192,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["No method was selected.", ""]
     if r.get("data"):
         d = r["data"]
+        profile = d.get("profile") or {}
+        # Where the evaluation rows came from (a hold-out of this file, another file, the task's test split), so
+        # the counts add up: rows read = training rows + evaluation rows + dropped ones.
+        held = []
+        if profile.get("eval_rows") is not None:
+            src = profile.get("eval_source")
+            held = [f"- evaluation rows: {profile['eval_rows']}" + (f" from `{src}`" if src else "")]
         lines += ["## Data", "", f"- source: `{d.get('source')}`", f"- kind: {d.get('kind')}",
-                  f"- rows: {d.get('rows')}", *_dropped_lines(d.get("profile") or {}), ""]
+                  f"- rows: {d.get('rows')}" + (" for training" if held else ""), *held, *_dropped_lines(profile),
+                  ""]
     lines += ["## Accuracy", "", "| model | accuracy | n | metric | answered |", "|---|---|---|---|---|"]
     for model in MODELS:
         a = r["accuracy"].get(model)
