@@ -134,7 +134,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
 def _runs_line(run_id: str, status: str, method: str, wall: str, directory: str) -> str:
     """One line of `posttrain runs`, the header included: the same columns, so the header sits over them."""
-    return f"{run_id:<40} {status:<10} {method:<6} {wall:>8}  {directory}"
+    return f"{run_id:<40} {status:<11} {method:<6} {wall:>8}  {directory}"
 
 
 def _humaneval_sampling(num_samples: int | None, ks: str | None, names: list[str]) -> dict:

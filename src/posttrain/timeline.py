@@ -48,7 +48,9 @@ def _summary(run_dir: Path) -> dict[str, Any]:
     events = read_events(run_dir / "events.sqlite",
                          types=("run.started.v1", "run.finished.v1", "method.selected.v1"))
     state = RunState.from_events(events)  # no event of these types yet: "pending"
-    return {"run_id": state.run_id or run_dir.name, "dir": str(run_dir), "status": state.status,
+    # An interrupted run's report says "failed" (the report.json contract); the listing says which kind of failure.
+    status = "interrupted" if state.interrupted else state.status
+    return {"run_id": state.run_id or run_dir.name, "dir": str(run_dir), "status": status,
             "method": (state.method or {}).get("method"), "started_at": state.started_at,
             "wall_s": state.elapsed() if state.finished else None}
 
@@ -56,7 +58,8 @@ def _summary(run_dir: Path) -> dict[str, Any]:
 def list_runs(runs_dir: str | Path) -> list[dict[str, Any]]:
     """One dict per run under `runs_dir` (run_id, dir, status, method, started_at, wall_s), oldest first.
 
-    `status` is pending | running | succeeded | failed | unreadable; `wall_s` is only set for finished runs."""
+    `status` is pending | running | succeeded | failed | interrupted (stopped by Ctrl-C or SIGTERM; its report says
+    "failed") | unreadable; `wall_s` is only set for finished runs."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []

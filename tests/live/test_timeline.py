@@ -2,7 +2,7 @@
 
 from posttrain.timeline import format_timeline, list_runs
 
-from runlogs import RUN_ID, T0, Writer, failed_run, start, successful_run
+from runlogs import RUN_ID, T0, Writer, failed_run, interrupted_run, start, successful_run
 
 
 def test_timeline_lines_and_summary(tmp_path):
@@ -27,6 +27,7 @@ def test_list_runs(tmp_path):
     runs = tmp_path / "runs"
     failed_run(runs / "b-failed")
     successful_run(runs / "a-ok")
+    interrupted_run(runs / "e-stopped")
     (runs / "empty-dir").mkdir()
     w = Writer(runs / "c-live", run_id="run-live")
     start(w)
@@ -35,7 +36,8 @@ def test_list_runs(tmp_path):
     listed = list_runs(runs)
     w.close()
     by_id = {r["run_id"]: r for r in listed}
-    assert set(by_id) == {RUN_ID, "run-failed", "run-live", "d-broken"}
+    assert set(by_id) == {RUN_ID, "run-failed", "run-live", "d-broken", "run-interrupted"}
+    assert by_id["run-interrupted"]["status"] == "interrupted"  # its report says "failed"; the listing says why
     assert by_id[RUN_ID] == {"run_id": RUN_ID, "dir": str(runs / "a-ok"), "status": "succeeded", "method": "grpo",
                              "started_at": T0, "wall_s": 20.0}
     assert by_id["run-failed"]["status"] == "failed" and by_id["run-failed"]["wall_s"] == 7.0
