@@ -208,3 +208,15 @@ def test_report_md_says_where_the_evaluation_rows_came_from(tmp_path):
     assert section[:6] == ["## Data", "", "- source: `pairs.jsonl`", "- kind: preference", "- rows: 20 for training",
                            "- evaluation rows: 19 from `pairs.jsonl (held out: 19 rows, seed 0)`"]
     assert section[6].startswith("- dropped while preparing: 1 of 40 rows read")
+
+
+def test_report_md_says_token_accuracy_counts_tokens(tmp_path):
+    w = runlogs.Writer(tmp_path / "s", run_id="run-sft")
+    runlogs.start(w)
+    w.emit(1.0, "eval.result.v1", "evaluator", {"model": "base", "metric": "token_accuracy", "value": 0.5, "n": 102,
+                                                "path": "artifacts/base"})
+    w.emit(2.0, "run.finished.v1", "coordinator", {"status": "succeeded"})
+    w.close()
+    md = write_report(tmp_path / "s")[0].read_text()
+    assert "| base | 0.500 | 102 | token_accuracy | - |" in md
+    assert "its n counts tokens, not rows" in md and "answered:" not in md

@@ -210,6 +210,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{'-' if answered is None else answered} |")
     chain = " → ".join(_acc(r["accuracy"].get(m)) for m in MODELS)
     lines += ["", f"base → aligned → compressed: {chain}", ""]
+    if any((r["accuracy"].get(m) or {}).get("metric") == "token_accuracy" for m in MODELS):
+        lines += ["token_accuracy: the share of held-out completion tokens predicted right (teacher-forced); its n "
+                  "counts tokens, not rows.", ""]
     if any((r["accuracy"].get(m) or {}).get("answered") is not None for m in MODELS):
         lines += ["answered: outputs whose final answer the verifier could read (a `#### N` line), right or wrong; "
                   "an output without one scores 0 whatever its working says.", ""]
