@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import re
 import sys
 import time
 
@@ -30,19 +29,16 @@ from posttrain.align.grpo import GRPOSettings, train_grpo
 from posttrain.cli import _demo_config_path
 from posttrain.config import load_config, parse_overrides
 from posttrain.evaluate.exact_match import evaluate_exact_match
+from posttrain.evaluate.filters import gsm8k_flexible, gsm8k_match
 from posttrain.evaluate.stats import paired_sign_test
 from posttrain.models.loading import load_model, load_tokenizer
-from posttrain.rewards.verifiable import answers_match, hash_answer_reward
+from posttrain.rewards.verifiable import hash_answer_reward
 from posttrain.tasks import arithmetic
-
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
 
 def measure(model, tokenizer, rows, config) -> tuple[dict, list[bool]]:
     result = evaluate_exact_match(model, tokenizer, rows, batch_size=config.evaluate.batch_size,
                                   max_new_tokens=config.evaluate.max_new_tokens)
-    last = [(_NUMBER.findall(r["output"]) or [None])[-1] for r in result.records]
-    flexible = sum(answers_match(n, r["target"]) for n, r in zip(last, result.records))
+    flexible = sum(gsm8k_match(gsm8k_flexible(r["output"]), r["target"]) for r in result.records)
     numbers = {"exact_match": result.value, "answered": result.answered, "last_number_match": flexible / result.n,
                "n": result.n}
     return numbers, [bool(r["correct"]) for r in result.records]
