@@ -108,6 +108,11 @@ def test_a_run_without_run_finished_is_failed_and_says_why(tmp_path):
     ({"rows": 40, "dropped": {}, "eval_rows": 7, "eval_dropped": {"empty_response": 1}},
      ["- evaluation rows: 7", "- dropped while preparing: none",
       "- dropped from the evaluation data: 1 of 8 rows read (empty_response: 1)"]),
+    # 1 dropped, 19 held out for evaluation: without the hold-out line the training rows and "1 of 40" do not add up.
+    ({"rows": 39, "eval_rows": 19, "eval_source": "pairs.jsonl (held out: 19 rows, seed 0)",
+      "dropped": {"empty_response": 1}},
+     ["- evaluation rows: 19 from `pairs.jsonl (held out: 19 rows, seed 0)`",
+      "- dropped while preparing: 1 of 40 rows read (empty_response: 1)"]),
     ({"duplicates": 0}, []),  # nothing recorded (an older log): nothing said
 ])
 def test_report_md_lists_the_rows_data_preparation_dropped(tmp_path, profile, expected):
@@ -190,24 +195,6 @@ def test_an_interrupted_run_reports_the_stage_it_stopped_and_says_it_was_interru
                            {"name": "train", "status": "interrupted", "wall_s": 3.0}]
     assert "| train | interrupted | 3.0 s |" in md_path.read_text().splitlines()
     assert json.loads(write_report(runlogs.failed_run(tmp_path / "f"))[1].read_text())["interrupted"] is False
-
-
-def test_report_md_says_where_the_evaluation_rows_came_from(tmp_path):
-    # A 40-row file, 1 dropped, 19 held out: without the hold-out line "rows: 20" and "1 of 40" do not add up.
-    profile = {"train_rows": 20, "eval_rows": 19, "eval_source": "pairs.jsonl (held out: 19 rows, seed 0)",
-               "dropped": {"empty_response": 1}, "rows": 39}
-    w = runlogs.Writer(tmp_path / "h", run_id="run-held")
-    runlogs.start(w)
-    w.emit(1.0, "data.profiled.v1", "data", {"source": "pairs.jsonl", "kind": "preference", "rows": 20,
-                                             "profile": profile})
-    w.emit(2.0, "run.finished.v1", "coordinator", {"status": "succeeded"})
-    w.close()
-    md_path, _ = write_report(tmp_path / "h")
-    lines = md_path.read_text().splitlines()
-    section = lines[lines.index("## Data"):lines.index("## Accuracy")]
-    assert section[:6] == ["## Data", "", "- source: `pairs.jsonl`", "- kind: preference", "- rows: 20 for training",
-                           "- evaluation rows: 19 from `pairs.jsonl (held out: 19 rows, seed 0)`"]
-    assert section[6].startswith("- dropped while preparing: 1 of 40 rows read")
 
 
 def test_report_md_says_token_accuracy_counts_tokens(tmp_path):
