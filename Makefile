@@ -14,7 +14,7 @@ QSTAMP := $(QVENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first, pinned: the CPU build on disk; a looser pin would pull a multi-GB CUDA build.
+	@# torch first, pinned: the CPU build on disk; a looser pin would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test,gguf]'
 	touch $(STAMP)
@@ -23,7 +23,7 @@ $(QSTAMP): pyproject.toml
 	test -x $(QBIN)/python || $(PY) -m venv $(QVENV)
 	$(QBIN)/python -m pip install -q --upgrade pip
 	$(QBIN)/python -m pip install -q torch==2.13.0
-	# the main venv's extras too, so every test module that collects there also collects here
+	@# the main venv's extras too, so every test module that collects there also collects here
 	$(QBIN)/python -m pip install -q -e '.[test,gguf,quant]'
 	touch $(QSTAMP)
 
@@ -33,8 +33,8 @@ demo: $(STAMP)
 	$(BIN)/posttrain demo
 
 test: $(STAMP)
-	# The embedded model is built (once, then cached) before pytest, outside any test's timeout: on a busy machine
-	# the build alone can take minutes.
+	@# The embedded model is built (once, then cached) before pytest, outside any test's timeout: on a busy machine
+	@# the build alone can take minutes.
 	$(BIN)/posttrain embedded build
 	$(BIN)/python -m pytest -q tests
 	$(MAKE) --no-print-directory test-quant
